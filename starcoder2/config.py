@@ -81,6 +81,9 @@ class ModelConfig:
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim * bytes_per_element
 
     def replace(self, **changes: Any) -> ModelConfig:
+        """A copy with changes; a derived head_dim is derived again from the new sizes."""
+        if "head_dim" not in changes and self.head_dim == self.hidden_size // self.num_heads:
+            changes["head_dim"] = None
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:

@@ -1,0 +1,134 @@
+"""The public Python API: `starcoder2.load(...)` and what the loaded object can do.
+
+    import starcoder2
+    sc = starcoder2.load("bigcode/starcoder2-3b", dtype="bf16")   # or a directory, or None: the default model
+    sc.complete("def fibonacci(n):", max_new_tokens=64)
+    sc.infill("def add(a, b):\n    ", "\n\nprint(add(1, 2))")
+    for piece in sc.stream_complete("import os\n"): print(piece, end="")
+    ids = sc.generate(sc.tokenizer.encode("x = "), max_new_tokens=8)       # new token ids
+    logits = sc.model(torch.tensor([ids]))                                   # (1, T, vocab) fp32
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .checkpoint import CheckpointError, load_model, resolve
+from .config import ModelConfig
+from .device import resolve_device, resolve_dtype
+from .infer.generate import SamplingParams, generate_tokens
+from .infer.text import TextStream
+from .model import StarCoder2
+from .prompts import default_stop_ids, fim_prompt
+from .tokenizer import Tokenizer, TokenizerError
+
+DEFAULT_MODEL_ENV = "STARCODER2_MODEL"
+EMBEDDED_MODEL_DIR = Path(__file__).parent / "assets" / "default_model"
+
+
+def default_model_path() -> Path:
+    """$STARCODER2_MODEL if set, else the small model shipped inside the package."""
+    if os.environ.get(DEFAULT_MODEL_ENV):
+        return resolve(os.environ[DEFAULT_MODEL_ENV])
+    if (EMBEDDED_MODEL_DIR / "config.json").is_file():
+        return EMBEDDED_MODEL_DIR
+    raise CheckpointError(f"no model given, ${DEFAULT_MODEL_ENV} is unset and this install has no embedded "
+                          f"default model at {EMBEDDED_MODEL_DIR}; pass --model PATH_OR_ID")
+
+
+@dataclass
+class LoadedModel:
+    """A model with its tokenizer. `model.forward(ids (B, T)) -> logits (B, T, V)`."""
+
+    model: StarCoder2
+    tokenizer: Tokenizer
+    config: ModelConfig
+    path: Path
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def _params(self, stop_ids: list[int], max_new_tokens: int = 128, temperature: float = 0.0, top_k: int = 0,
+                top_p: float = 1.0, repetition_penalty: float = 1.0, stop: list[str] | str | None = None,
+                seed: int | None = None) -> SamplingParams:
+        stop = [stop] if isinstance(stop, str) else list(stop or [])
+        return SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                              repetition_penalty=repetition_penalty, seed=seed, stop=stop, stop_token_ids=stop_ids)
+
+    def _stream(self, ids: list[int], stop_ids: list[int], **kw) -> Iterator[str]:
+        params = self._params(stop_ids, **kw)
+        text = TextStream(self.tokenizer, params.stop)
+        cancelled: set[int] = set()
+        for _, tok in generate_tokens(self.model, [ids], params, cancelled):
+            piece = text.push(tok)
+            if piece:
+                yield piece
+            if text.stopped:
+                cancelled.add(0)
+        tail = text.flush()
+        if tail:
+            yield tail
+
+    # ---- token level -------------------------------------------------------------------------
+
+    def generate(self, input_ids: list[int] | list[list[int]] | torch.Tensor, **kw) -> list[int] | list[list[int]]:
+        """New token ids for one prompt (a list of ids) or several (a list of lists or a (B, T) tensor).
+        Greedy when temperature=0. Ends at the tokenizer's EOS, `max_new_tokens`, or a `stop` string
+        (the ids then end with the token that completed it)."""
+        if isinstance(input_ids, torch.Tensor):
+            input_ids = input_ids.tolist()
+        single = bool(input_ids) and isinstance(input_ids[0], int)
+        prompts = [input_ids] if single else input_ids
+        params = self._params([self.tokenizer.eos_id], **kw)
+        out: list[list[int]] = [[] for _ in prompts]
+        texts = [TextStream(self.tokenizer, params.stop) for _ in prompts]
+        cancelled: set[int] = set()
+        for b, tok in generate_tokens(self.model, prompts, params, cancelled):
+            out[b].append(tok)
+            texts[b].push(tok)
+            if texts[b].stopped:
+                cancelled.add(b)
+        return out[0] if single else out
+
+    # ---- text level --------------------------------------------------------------------------
+
+    def stream_complete(self, prompt: str, allow_special: bool = False, **kw) -> Iterator[str]:
+        """Continue `prompt`; yields text pieces. `allow_special=True` lets special-token text in the
+        prompt (e.g. a hand-written `<fim_prefix>`) become the special token."""
+        ids = self.tokenizer.encode(prompt, allow_special=allow_special)
+        if not ids:
+            raise ValueError("the prompt is empty")
+        return self._stream(ids, [self.tokenizer.eos_id], **kw)
+
+    def stream_infill(self, prefix: str, suffix: str, mode: str = "psm", **kw) -> Iterator[str]:
+        """Fill in the middle between `prefix` and `suffix` (StarCoder2 FIM); yields text pieces."""
+        return self._stream(fim_prompt(self.tokenizer, prefix, suffix, mode), default_stop_ids(self.tokenizer), **kw)
+
+    def complete(self, prompt: str, **kw) -> str:
+        return "".join(self.stream_complete(prompt, **kw))
+
+    def infill(self, prefix: str, suffix: str, **kw) -> str:
+        return "".join(self.stream_infill(prefix, suffix, **kw))
+
+
+def load(path_or_id: str | os.PathLike | None = None, dtype: str | torch.dtype | None = None,
+         device: str | torch.device | None = None) -> LoadedModel:
+    """Load a checkpoint (directory, hub id from the local HF cache, or None for the default model).
+    dtype: "fp32" | "bf16" | "fp16" (default bf16); device: "cpu" | "cuda" (default: CUDA when present)."""
+    path = resolve(path_or_id) if path_or_id is not None else default_model_path()
+    dev = resolve_device(device)
+    model, config = load_model(path, resolve_dtype(dtype, dev), dev)
+    try:
+        tokenizer = Tokenizer.from_dir(path)
+    except TokenizerError as e:
+        raise CheckpointError(str(e)) from None
+    if tokenizer.vocab_size > config.vocab_size:
+        raise CheckpointError(f"{path}: tokenizer has {tokenizer.vocab_size} tokens but the model only "
+                              f"{config.vocab_size} embeddings")
+    return LoadedModel(model, tokenizer, config, path)

@@ -1,0 +1,212 @@
+"""The `starcoder2` command line: complete, infill, info, convert.
+
+Every command prints `--help`; every failure is one line on stderr and a non-zero exit status
+(1 for bad input or a bad checkpoint, 130 when interrupted).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from . import __version__
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", "-m", help="checkpoint directory or hub id in the local HF cache "
+                   "(default: $STARCODER2_MODEL, else the embedded model)")
+    p.add_argument("--dtype", default="auto", help="fp32 | bf16 | fp16 (default: bf16)")
+    p.add_argument("--device", default="auto", help="cpu | cuda (default: cuda when present)")
+
+
+def _add_sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable); never printed")
+
+
+def _sampling(args: argparse.Namespace) -> dict:
+    return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                top_p=args.top_p, repetition_penalty=args.repetition_penalty, stop=args.stop, seed=args.seed)
+
+
+def _read_text(path: str) -> str:
+    if path == "-":
+        return sys.stdin.read()
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not UTF-8 text") from None
+
+
+def _load(args: argparse.Namespace):
+    from .api import load
+    return load(args.model, dtype=args.dtype, device=args.device)
+
+
+def _stream_out(pieces) -> None:
+    for piece in pieces:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+
+
+def cmd_complete(args: argparse.Namespace) -> None:
+    if args.file and args.prompt is not None:
+        raise ValueError("give the prompt as an argument or with --file, not both")
+    if args.file:
+        prompt = _read_text(args.file)
+    elif args.prompt is not None:
+        prompt = args.prompt
+    elif not sys.stdin.isatty():
+        prompt = sys.stdin.read()
+    else:
+        raise ValueError("no prompt: pass it as an argument, with --file F, or on stdin")
+    if not prompt:
+        raise ValueError("the prompt is empty")
+    sc = _load(args)
+    if args.echo:
+        sys.stdout.write(prompt)
+    _stream_out(sc.stream_complete(prompt, allow_special=args.allow_special, **_sampling(args)))
+
+
+def cmd_infill(args: argparse.Namespace) -> None:
+    from .prompts import split_at_cursor
+    if args.file:
+        if args.prefix is not None or args.suffix is not None:
+            raise ValueError("use either --file/--line or --prefix/--suffix")
+        if args.line is None:
+            raise ValueError("--file needs --line N (1-based) to place the cursor")
+        prefix, suffix = split_at_cursor(_read_text(args.file), args.line, args.column)
+    else:
+        if args.prefix is None:
+            raise ValueError("give --prefix (and --suffix), or --file F --line N")
+        prefix, suffix = args.prefix, args.suffix or ""
+    sc = _load(args)
+    _stream_out(sc.stream_infill(prefix, suffix, mode=args.mode, **_sampling(args)))
+
+
+def _gb(n: float) -> str:
+    return f"{n / 1e9:.2f} GB"
+
+
+def cmd_info(args: argparse.Namespace) -> None:
+    from .checkpoint import read_config, resolve
+    from .config import preset
+    tokenizer = None
+    if args.preset:
+        if args.model:
+            raise ValueError("use either --model or --preset")
+        config, source = preset(args.preset), f"preset {args.preset}"
+    else:
+        from .api import default_model_path
+        from .tokenizer import Tokenizer, TokenizerError
+        path = resolve(args.model) if args.model else default_model_path()
+        config, source = read_config(path), str(path)
+        try:
+            tokenizer = Tokenizer.from_dir(path)
+        except TokenizerError:
+            tokenizer = None
+    n = config.num_params
+    rows = [
+        ("source", source),
+        ("parameters", f"{n:,} ({n / 1e9:.2f} B)"),
+        ("layers / hidden / mlp", f"{config.num_layers} / {config.hidden_size} / {config.intermediate_size}"),
+        ("heads / kv heads / head dim", f"{config.num_heads} / {config.num_kv_heads} / {config.head_dim}"),
+        ("context / sliding window", f"{config.max_position_embeddings} / {config.sliding_window}"),
+        ("rope theta", f"{config.rope_theta}"),
+        ("tied embeddings", str(config.tie_word_embeddings)),
+        ("weights fp32 / bf16 / fp16", f"{_gb(4 * n)} / {_gb(2 * n)} / {_gb(2 * n)}"),
+        ("kv cache per token (bf16)", f"{config.kv_bytes_per_token(2) / 1024:.1f} KiB"),
+    ]
+    window = min(config.sliding_window or config.max_position_embeddings, config.max_position_embeddings)
+    rows.append(("kv cache per sequence (bf16)", f"{config.kv_bytes_per_token(2) * window / 2**20:.0f} MiB "
+                 f"(at most {window} tokens kept)"))
+    if tokenizer is not None:
+        specials = sorted(tokenizer.special_ids)
+        rows.append(("vocabulary", f"{tokenizer.vocab_size} ({len(specials)} special tokens)"))
+        rows.append(("eos", f"{tokenizer.decode([tokenizer.eos_id], skip_special=False)!r} = {tokenizer.eos_id}"))
+        rows.append(("special tokens", ", ".join(f"{i}:{tokenizer.decode([i], skip_special=False)}"
+                                                 for i in specials)))
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"{k:<{width}}  {v}")
+
+
+def cmd_convert(args: argparse.Namespace) -> None:
+    from .checkpoint import load_model, resolve, save_model, stored_dtype
+    from .device import resolve_dtype
+    src = resolve(args.model)
+    out = Path(args.out)
+    if out.resolve() == src.resolve():
+        raise ValueError("--out must differ from the source checkpoint")
+    dtype = stored_dtype(src) if args.dtype == "keep" else resolve_dtype(args.dtype)
+    model, _ = load_model(src, dtype)
+    save_model(model, out, max_shard_size=args.max_shard_size, tokenizer_dir=src)
+    print(f"wrote {out}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="starcoder2", description="Run, serve and train StarCoder2 code models.")
+    parser.add_argument("--version", action="version", version=f"starcoder2 {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("complete", help="continue code from a prompt (streams to stdout)")
+    p.add_argument("prompt", nargs="?", help="the prompt text (else --file, else stdin)")
+    p.add_argument("--file", "-f", help="read the prompt from this file ('-' for stdin)")
+    p.add_argument("--echo", action="store_true", help="print the prompt before the completion")
+    p.add_argument("--allow-special", action="store_true",
+                   help="let special-token text in the prompt (e.g. <fim_prefix>) become special tokens")
+    _add_model_args(p)
+    _add_sampling_args(p)
+    p.set_defaults(func=cmd_complete)
+
+    p = sub.add_parser("infill", help="fill in the middle between a prefix and a suffix (FIM)")
+    p.add_argument("--prefix")
+    p.add_argument("--suffix")
+    p.add_argument("--file", "-f", help="a source file to split at a cursor")
+    p.add_argument("--line", type=int, help="cursor line in --file (1-based)")
+    p.add_argument("--column", type=int, help="cursor column (1-based; default: end of the line)")
+    p.add_argument("--mode", choices=["psm", "spm"], default="psm")
+    _add_model_args(p)
+    _add_sampling_args(p)
+    p.set_defaults(func=cmd_infill)
+
+    p = sub.add_parser("info", help="parameters, memory per dtype, context and special tokens")
+    p.add_argument("--model", "-m", help="checkpoint directory or hub id (default: the default model)")
+    p.add_argument("--preset", help="describe a preset instead: tiny, small, 3b, 7b, 15b")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("convert", help="re-save a checkpoint in the Hugging Face layout (dtype, shards)")
+    p.add_argument("--model", "-m", required=True, help="source checkpoint directory or hub id")
+    p.add_argument("--out", "-o", required=True, help="output directory (written atomically)")
+    p.add_argument("--dtype", default="keep", help="fp32 | bf16 | fp16 | keep (default: keep)")
+    p.add_argument("--max-shard-size", default="5GB", help="shard above this size (default 5GB)")
+    p.set_defaults(func=cmd_convert)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from .checkpoint import CheckpointError
+    try:
+        args.func(args)
+    except (CheckpointError, ValueError, OSError) as e:
+        if isinstance(e, BrokenPipeError):
+            return 0
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        print(f"starcoder2: error: {msg}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("starcoder2: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Inference: pure sampling functions, the reference generation loop, and text streaming with stops."""
