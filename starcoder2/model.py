@@ -63,6 +63,14 @@ class Attention(nn.Module):
         if kv_cache is not None:
             k, v = kv_cache.update(layer, plan, k, v)  # (B, nkv, n_keys, hd)
             mask = plan.mask
+        rep = self.n_head // self.n_kv_head
+        if T == 1 and rep > 1 and mask is not None:
+            # Decode: fold each KV head's query group into the query axis, (B, nkv, rep, hd). Same
+            # maths as enable_gqa, but SDPA's CPU kernel runs ~10x faster in bf16 this way.
+            y = F.scaled_dot_product_attention(q.view(B, self.n_kv_head, rep, self.head_dim), k, v,
+                                               attn_mask=mask, scale=1.0 / math.sqrt(self.head_dim))
+            y = y.reshape(B, T, self.n_head * self.head_dim)  # (B, nkv, rep, hd) -> (B, 1, nh*hd)
+            return F.dropout(self.o_proj(y), self.residual_dropout, self.training)
         # SDPA: softmax in fp32 internally; GQA without materialising repeated K/V. mask None -> causal.
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=mask is None,
