@@ -118,12 +118,20 @@ class LoadedModel:
 
 
 def load(path_or_id: str | os.PathLike | None = None, dtype: str | torch.dtype | None = None,
-         device: str | torch.device | None = None) -> LoadedModel:
+         device: str | torch.device | None = None, quantize: str | None = None,
+         group_size: int = 128) -> LoadedModel:
     """Load a checkpoint (directory, hub id from the local HF cache, or None for the default model).
-    dtype: "fp32" | "bf16" | "fp16" (default bf16); device: "cpu" | "cuda" (default: CUDA when present)."""
+    dtype: "fp32" | "bf16" | "fp16" (default bf16); device: "cpu" | "cuda" (default: CUDA when present);
+    quantize: None | "int8" | "int4" (weight-only; activations in bf16 unless dtype says otherwise)."""
     path = resolve(path_or_id) if path_or_id is not None else default_model_path()
     dev = resolve_device(device)
-    model, config = load_model(path, resolve_dtype(dtype, dev), dev)
+    dt = resolve_dtype(dtype, dev)
+    if quantize is not None and dt == torch.float32:
+        dt = torch.bfloat16  # the packed int kernels take bf16 activations
+    model, config = load_model(path, dt, dev)
+    if quantize is not None:
+        from .infer.quantize import quantize_model
+        quantize_model(model, quantize, group_size=group_size, dtype=dt)
     try:
         tokenizer = Tokenizer.from_dir(path)
     except TokenizerError as e:

@@ -18,6 +18,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    "(default: $STARCODER2_MODEL, else the embedded model)")
     p.add_argument("--dtype", default="auto", help="fp32 | bf16 | fp16 (default: bf16)")
     p.add_argument("--device", default="auto", help="cpu | cuda (default: cuda when present)")
+    p.add_argument("--quantize", choices=["int8", "int4"], help="weight-only quantization at load")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -46,7 +47,7 @@ def _read_text(path: str) -> str:
 
 def _load(args: argparse.Namespace):
     from .api import load
-    return load(args.model, dtype=args.dtype, device=args.device)
+    return load(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize)
 
 
 def _stream_out(pieces) -> None:

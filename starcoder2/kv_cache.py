@@ -21,17 +21,29 @@ import torch
 
 from .config import ModelConfig
 
+Rows = torch.Tensor | slice | None
+
+
+def _row_index(rows: Rows, batch: int, device: torch.device) -> torch.Tensor:
+    if rows is None:
+        return torch.arange(batch, device=device)
+    if isinstance(rows, slice):
+        return torch.arange(rows.start or 0, rows.stop, device=device)
+    return rows
+
 
 @dataclass
 class CachePlan:
     """What one forward pass does with the cache; built once, used by every layer."""
 
-    rows: torch.Tensor | None  # (B,) cache rows of the batch, or None for all rows in order
+    rows: Rows  # cache rows of the batch: None (all, in order), a slice (views, no copy) or a (B,) tensor
     slots: torch.Tensor  # (B, T_write) slots written
     write_from: int  # new tokens [write_from:] are written (T - T_write)
     n_cached: int  # cached slots [0:n_cached] take part in attention
     append_new: bool  # True: attend over [cache, new]; False: write first, attend over cache
     mask: torch.Tensor  # (B, 1, T, n_keys) bool, True = attend
+    deferred: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # speculative: new k, v per layer, unwritten
+    input_pos: torch.Tensor | None = None  # speculative: positions of the deferred tokens
 
 
 class KVCache:
@@ -46,6 +58,7 @@ class KVCache:
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.slot_pos = torch.full((batch_size, self.capacity), -1, dtype=torch.long, device=device)  # (B, S)
         self.n_used = 0  # slots [0:n_used) may hold data in some row (host-side, avoids a device sync)
+        self._speculating: list[CachePlan] | None = None
 
     @property
     def batch_size(self) -> int:
@@ -62,19 +75,20 @@ class KVCache:
     def nbytes(self) -> int:
         return self.k.nbytes + self.v.nbytes
 
-    def plan(self, input_pos: torch.Tensor, rows: torch.Tensor | None = None) -> CachePlan:
+    def plan(self, input_pos: torch.Tensor, rows: Rows = None) -> CachePlan:
         """input_pos: (B, T) absolute positions of the new tokens, consecutive within a row."""
         B, T = input_pos.shape
         S = self.capacity
         max_pos = int(input_pos.max())
         if not self.ring and max_pos >= S:
             raise ValueError(f"position {max_pos} exceeds the KV cache capacity of {S} tokens")
-        append_new = T > 1
-        write_from = max(0, T - S) if append_new else 0
+        defer = self._speculating is not None
+        append_new = T > 1 or defer
+        write_from = max(0, T - S) if append_new and not defer else 0
         slots = input_pos[:, write_from:] % S  # (B, T_write)
         n_cached = self.n_used if append_new else min(S, max(self.n_used, max_pos + 1))
 
-        slot_pos = self.slot_pos if rows is None else self.slot_pos[rows]  # (B, S)
+        slot_pos = self.slot_pos if rows is None else self.slot_pos[rows]  # (B, S); a view for a slice
         if append_new:
             key_pos = torch.cat([slot_pos[:, :n_cached], input_pos], dim=1)  # (B, n_cached + T)
         else:
@@ -85,13 +99,19 @@ class KVCache:
         mask = (k >= 0) & (k <= q)
         if self.window is not None:
             mask &= k > q - self.window
-        return CachePlan(rows, slots, write_from, n_cached, append_new, mask[:, None])
+        plan = CachePlan(rows, slots, write_from, n_cached, append_new, mask[:, None], [] if defer else None)
+        if defer:
+            self._speculating.append(plan)
+        return plan
 
     def commit(self, plan: CachePlan, input_pos: torch.Tensor) -> None:
         """Record the positions written by the forward pass that used `plan`."""
+        if plan.deferred is not None:
+            plan.input_pos = input_pos
+            return
         pos = input_pos[:, plan.write_from:]
-        if plan.rows is None:
-            self.slot_pos.scatter_(1, plan.slots, pos)
+        if plan.rows is None or isinstance(plan.rows, slice):
+            self.slot_pos[plan.rows or slice(None)].scatter_(1, plan.slots, pos)
         else:
             self.slot_pos[plan.rows[:, None], plan.slots] = pos
         self.n_used = min(self.capacity, max(self.n_used, int(plan.slots.max()) + 1))
@@ -100,18 +120,64 @@ class KVCache:
         """k, v: (B, n_kv_head, T, head_dim) for the new tokens. Writes them; returns the keys and
         values attention should use, (B, n_kv_head, n_keys, head_dim), in the order of `plan.mask`."""
         kc, vc = self.k[layer], self.v[layer]  # (B_all, n_kv_head, S, head_dim)
-        rows = plan.rows
+        rows = slice(None) if plan.rows is None else plan.rows
         if plan.append_new:
-            old_k = kc[:, :, :plan.n_cached] if rows is None else kc[rows, :, :plan.n_cached]
-            old_v = vc[:, :, :plan.n_cached] if rows is None else vc[rows, :, :plan.n_cached]
-            k_all, v_all = torch.cat([old_k, k], dim=2), torch.cat([old_v, v], dim=2)
-        r = torch.arange(k.shape[0], device=k.device) if rows is None else rows
-        w = plan.write_from
-        # Advanced indices (rows, slots) around a slice put their dims first: value is (B, T, n_kv, hd).
-        kc[r[:, None], :, plan.slots] = k[:, :, w:].transpose(1, 2)
-        vc[r[:, None], :, plan.slots] = v[:, :, w:].transpose(1, 2)
+            k_all = torch.cat([kc[rows, :, :plan.n_cached], k], dim=2)
+            v_all = torch.cat([vc[rows, :, :plan.n_cached], v], dim=2)
+        if plan.deferred is not None:  # speculative: keep the new entries until some are accepted
+            plan.deferred.append((k, v))
+            return k_all, v_all
+        self._write(layer, plan, k[:, :, plan.write_from:], v[:, :, plan.write_from:])
         if plan.append_new:
             return k_all, v_all
-        if rows is None:
-            return kc[:, :, :plan.n_cached], vc[:, :, :plan.n_cached]
-        return kc[rows, :, :plan.n_cached], vc[rows, :, :plan.n_cached]
+        return kc[rows, :, :plan.n_cached], vc[rows, :, :plan.n_cached]  # views unless rows is a tensor
+
+    # ---- speculative decoding: attend to draft tokens, keep only the accepted ones --------------
+
+    def speculate(self) -> None:
+        """The next forward pass attends to its tokens without writing them; `accept(n)` then writes
+        its first n tokens. Rejected drafts therefore never overwrite live ring-buffer entries."""
+        self._speculating = []
+
+    def accept(self, n: int) -> None:
+        plans, self._speculating = self._speculating, None
+        if not plans or plans[0].input_pos is None:  # the forward pass failed: nothing to write
+            return
+        (plan,) = plans
+        if plan.slots.shape[1] > self.capacity:
+            raise ValueError("a speculative step cannot be longer than the cache")
+        plan.slots, plan.write_from = plan.slots[:, :n], 0
+        layers, plan.deferred = plan.deferred, None
+        for layer, (k, v) in enumerate(layers):
+            self._write(layer, plan, k[:, :, :n], v[:, :, :n])
+        self.commit(plan, plan.input_pos[:, :n])
+
+    def _write(self, layer: int, plan: CachePlan, k: torch.Tensor, v: torch.Tensor) -> None:
+        r = _row_index(plan.rows, k.shape[0], k.device)
+        # Advanced indices (rows, slots) around a slice put their dims first: value is (B, T, n_kv, hd).
+        self.k[layer][r[:, None], :, plan.slots] = k.transpose(1, 2)
+        self.v[layer][r[:, None], :, plan.slots] = v.transpose(1, 2)
+
+    # ---- whole rows: moving sequences between rows and in and out of a prefix cache -------------
+
+    def move_row(self, src: int, dst: int) -> None:
+        self.k[:, dst], self.v[:, dst] = self.k[:, src], self.v[:, src]
+        self.slot_pos[dst] = self.slot_pos[src]
+
+    def read_row(self, row: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Copies of a row's live entries in position order: k, v (L, n_kv, m, hd) and positions (m,)."""
+        pos = self.slot_pos[row]
+        order = pos.argsort()
+        order = order[pos[order] >= 0]
+        return self.k[:, row][:, :, order].clone(), self.v[:, row][:, :, order].clone(), pos[order].clone()
+
+    def write_row(self, row: int, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> None:
+        """Replace a row's content with entries at positions `pos` (m,), k/v (L, n_kv, m, hd)."""
+        self.slot_pos[row] = -1
+        if pos.numel() == 0:
+            return
+        slots = pos % self.capacity
+        self.k[:, row, :, slots] = k  # an int and one index tensor: dims stay in place, (L, n_kv, m, hd)
+        self.v[:, row, :, slots] = v
+        self.slot_pos[row, slots] = pos
+        self.n_used = min(self.capacity, max(self.n_used, int(slots.max()) + 1))

@@ -1,0 +1,236 @@
+"""Weight-only quantization of the model's Linear layers, and native decode kernels, applied from
+outside the model.
+
+- int8: one scale per output channel, symmetric, w ≈ q * s with q in [-127, 127].
+- int4: asymmetric per group of `group_size` input channels, w ≈ q * s + lo with q in [0, 15], two
+  per byte (in each block of 32 columns, byte j holds column j low and column j + 16 high).
+- AWQ-style calibration for int4: per layer, input channel i is scaled by a_i ** alpha before
+  rounding (a_i: mean |x_i| over calibration activations) and x is divided by the same factor at run
+  time, so channels that carry large activations keep more precision; alpha is picked per layer from
+  a grid by the output error on the calibration activations (Lin et al. 2023, "AWQ").
+
+Kernels: for decode-sized inputs (at most NATIVE_MAX_ROWS rows) the native AVX-512 kernels of
+`starcoder2.kernels` read the packed weights directly, near the memory bandwidth; for prefill the
+weights are dequantized to the activation dtype and multiplied by oneDNN's GEMM, which is compute
+bound there anyway. `kernel="reference"` always takes the dequantize path: the oracle in tests.
+`use_native_kernels` gives unquantized bf16 models the same decode kernel.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..kernels import native
+
+QUANT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "c_fc", "c_proj")
+QUANT_MODES = ("int8", "int4")
+NATIVE_MAX_ROWS = 16  # above this many input rows (prefill), GEMM libraries win
+
+
+def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """w (N, K) float -> q (N, K) int8, scale (N,) fp32."""
+    scale = w.float().abs().amax(dim=1).clamp(min=1e-8) / 127.0
+    q = (w.float() / scale[:, None]).round().clamp(-127, 127).to(torch.int8)
+    return q, scale
+
+
+def quantize_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """w (N, K) -> q (N, K) uint8 in [0, 15], scale (N, K/g), lo (N, K/g); w ≈ q * scale + lo."""
+    N, K = w.shape
+    if K % group_size:
+        raise ValueError(f"in_features={K} is not a multiple of group_size={group_size}")
+    wg = w.float().view(N, K // group_size, group_size)
+    lo, hi = wg.amin(-1), wg.amax(-1)
+    scale = ((hi - lo) / 15.0).clamp(min=1e-8)
+    q = ((wg - lo[..., None]) / scale[..., None]).round().clamp(0, 15).to(torch.uint8)
+    return q.view(N, K), scale, lo
+
+
+def dequantize_int4(q: torch.Tensor, scale: torch.Tensor, lo: torch.Tensor, group_size: int) -> torch.Tensor:
+    N, K = q.shape
+    wg = q.view(N, K // group_size, group_size).float() * scale[..., None] + lo[..., None]
+    return wg.view(N, K)
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """(N, K) values in [0, 15] -> (N, K/2) bytes; in each block of 32 columns, byte j = q[j] | q[j+16] << 4."""
+    N, K = q.shape
+    blocks = q.view(N, K // 32, 2, 16)
+    return (blocks[:, :, 0] | (blocks[:, :, 1] << 4)).reshape(N, K // 2)
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    N, half = packed.shape
+    b = packed.view(N, half // 16, 16)
+    return torch.stack([b & 15, b >> 4], dim=2).reshape(N, half * 2)
+
+
+def _native_ok(x: torch.Tensor, kernel: str) -> bool:
+    return (kernel == "native" and x.shape[0] <= NATIVE_MAX_ROWS and x.device.type == "cpu"
+            and x.dtype == torch.bfloat16 and not torch.is_grad_enabled() and native() is not None)
+
+
+class NativeLinear(nn.Module):
+    """nn.Linear whose decode-sized products run on the native bf16 kernel (weights shared, not copied)."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.weight, self.bias = linear.weight, linear.bias
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, self.in_features)
+        if _native_ok(x2, "native") and self.weight.dtype == torch.bfloat16:
+            y = native().linear_bf16(x2.contiguous(), self.weight, self.bias)
+            return y.view(*x.shape[:-1], self.out_features)
+        return F.linear(x, self.weight, self.bias)
+
+
+class QuantizedLinear(nn.Module):
+    """Drop-in for nn.Linear with int8 or int4 weights; activations and output in `dtype`."""
+
+    def __init__(self, linear: nn.Linear, mode: str, group_size: int = 128, kernel: str = "auto",
+                 in_scale: torch.Tensor | None = None, dtype: torch.dtype = torch.bfloat16):
+        super().__init__()
+        if mode not in QUANT_MODES:
+            raise ValueError(f"unknown quantization {mode!r}; choose int8 or int4")
+        w = linear.weight.detach()
+        self.mode, self.group_size, self.dtype = mode, group_size, dtype
+        self.in_features, self.out_features = w.shape[1], w.shape[0]
+        fits = self.in_features % 32 == 0 and self.out_features % 4 == 0 and group_size % 32 == 0
+        if kernel == "auto":
+            kernel = "native" if fits and native() is not None else "reference"
+        if kernel == "native" and (not fits or native() is None):
+            raise ValueError("native kernels need an AVX512_BF16 CPU, in_features % 32 == 0, out_features % 4 == 0")
+        self.kernel = kernel
+        self.register_buffer("in_scale", None if in_scale is None else (1.0 / in_scale).to(dtype))
+        if in_scale is not None:
+            w = w.float() * in_scale[None, :].float()
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().to(dtype))
+        if mode == "int8":
+            q, scale = quantize_int8(w)
+            self.register_buffer("weight", q)
+            self.register_buffer("scale", scale)
+        else:
+            q, scale, lo = quantize_int4(w, group_size)
+            self.register_buffer("weight", pack_int4(q) if self.in_features % 32 == 0 else q)
+            self.register_buffer("scale", scale)
+            self.register_buffer("lo", lo)
+
+    def _stored_weight(self) -> torch.Tensor:
+        """The quantized weight as floats, (N, K) fp32, before undoing any AWQ input scaling."""
+        if self.mode == "int8":
+            return self.weight.float() * self.scale[:, None]
+        q = unpack_int4(self.weight) if self.weight.shape[1] != self.in_features else self.weight
+        return dequantize_int4(q, self.scale, self.lo, self.group_size)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """The effective float weight applied to the raw input x, (N, K) fp32."""
+        w = self._stored_weight()
+        return w if self.in_scale is None else w * self.in_scale.float()[None, :]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (..., K) -> (..., N)
+        shape = x.shape
+        x = x.reshape(-1, self.in_features).to(self.dtype)  # (M, K)
+        if self.in_scale is not None:
+            x = x * self.in_scale
+        if _native_ok(x, self.kernel):
+            x = x.contiguous()
+            if self.mode == "int8":
+                y = native().linear_int8(x, self.weight, self.scale, self.bias)
+            else:
+                y = native().linear_int4(x, self.weight, self.scale, self.lo, self.group_size, self.bias)
+        else:
+            y = F.linear(x, self._stored_weight().to(self.dtype), self.bias)
+        return y.view(*shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        g = f", group_size={self.group_size}" if self.mode == "int4" else ""
+        return f"{self.in_features}, {self.out_features}, {self.mode}{g}, kernel={self.kernel}, awq={self.in_scale is not None}"
+
+
+def _targets(model: nn.Module, names: tuple[str, ...] = QUANT_TARGETS) -> list[tuple[nn.Module, str, nn.Linear]]:
+    out = []
+    for module in model.modules():
+        for name, child in module.named_children():
+            if name in names and type(child) is nn.Linear:
+                out.append((module, name, child))
+    return out
+
+
+def use_native_kernels(model: nn.Module) -> int:
+    """Route decode-sized products of a bf16 model's Linear layers (and LM head) to the native
+    kernel. Returns how many layers were swapped (0 when the kernels are unavailable)."""
+    if native() is None:
+        return 0
+    targets = _targets(model, QUANT_TARGETS + ("lm_head",))
+    for parent, name, lin in targets:
+        setattr(parent, name, NativeLinear(lin))
+    return len(targets)
+
+
+@torch.no_grad()
+def activation_stats(model: nn.Module, batches: Iterable[torch.Tensor], max_rows: int = 512
+                     ) -> dict[nn.Linear, tuple[torch.Tensor, torch.Tensor]]:
+    """Run calibration batches (B, T) through the float model; per target Linear, the mean |x| per
+    input channel (K,) and a sample of input rows (<= max_rows, K) for choosing the scaling."""
+    sums: dict[nn.Linear, list] = {}
+    hooks = []
+    for _, _, lin in _targets(model):
+        def hook(mod, inp, _out):
+            x = inp[0].detach().reshape(-1, inp[0].shape[-1]).float()
+            s = sums.setdefault(mod, [torch.zeros(x.shape[1]), 0, []])
+            s[0] += x.abs().sum(0)
+            s[1] += x.shape[0]
+            if sum(r.shape[0] for r in s[2]) < max_rows:
+                s[2].append(x[torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(0))[:max_rows]])
+        hooks.append(lin.register_forward_hook(hook))
+    try:
+        for ids in batches:
+            model(ids)
+    finally:
+        for h in hooks:
+            h.remove()
+    return {m: (s[0] / s[1], torch.cat(s[2])[:max_rows]) for m, s in sums.items()}
+
+
+def awq_scale(lin: nn.Linear, mean_abs: torch.Tensor, x: torch.Tensor, group_size: int,
+              grid: int = 20) -> torch.Tensor | None:
+    """Per-input-channel scale s minimising ||x W^T - (x / s) Q(W s)^T||^2; None if plain rounding wins."""
+    w = lin.weight.detach().float()
+    ref = x @ w.t()
+
+    def err(s: torch.Tensor | None) -> float:
+        ws = w if s is None else w * s[None, :]
+        wq = dequantize_int4(*quantize_int4(ws, group_size), group_size)
+        xs = x if s is None else x / s[None, :]
+        return float(((xs @ wq.t() - ref) ** 2).mean())
+
+    best, best_s = err(None), None
+    a = mean_abs.clamp(min=1e-6)
+    for i in range(1, grid + 1):
+        s = a ** (i / grid)
+        s = s / (s.max() * s.min()).sqrt()  # centre the scales around 1
+        e = err(s)
+        if e < best:
+            best, best_s = e, s
+    return best_s
+
+
+@torch.no_grad()
+def quantize_model(model: nn.Module, mode: str, group_size: int = 128, kernel: str = "auto",
+                   calibration: Iterable[torch.Tensor] | None = None, dtype: torch.dtype = torch.bfloat16) -> nn.Module:
+    """Replace every attention/MLP Linear by a QuantizedLinear, in place. With `calibration`
+    (batches of token ids) and mode int4, choose AWQ input scales first (on the float model)."""
+    if mode not in QUANT_MODES:
+        raise ValueError(f"unknown quantization {mode!r}; choose int8 or int4")
+    stats = activation_stats(model, calibration) if calibration is not None and mode == "int4" else {}
+    for parent, name, lin in _targets(model):
+        s = awq_scale(lin, *stats[lin], group_size) if lin in stats else None
+        setattr(parent, name, QuantizedLinear(lin, mode, group_size, kernel, in_scale=s, dtype=dtype))
+    model.to(dtype)  # embedding, norms and head in the activation dtype
+    return model
