@@ -4,7 +4,7 @@ import ast
 from pathlib import Path
 
 PKG = Path(__file__).resolve().parents[1] / "starcoder2"
-LAYER = {"config": 0, "device": 0, "model": 1, "kv_cache": 1, "tokenizer": 1, "prompts": 2, "checkpoint": 2,
+LAYER = {"config": 0, "device": 0, "kernels": 1, "model": 1, "kv_cache": 1, "tokenizer": 1, "prompts": 2, "checkpoint": 2,
          "infer": 2, "api": 3, "cli": 4, "__init__": 5}
 
 
