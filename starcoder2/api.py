@@ -22,6 +22,7 @@ from .checkpoint import CheckpointError, load_model, resolve
 from .config import ModelConfig
 from .device import resolve_device, resolve_dtype
 from .infer.generate import SamplingParams, generate_tokens
+from .infer.quantize import quantize_model, use_native_kernels
 from .infer.text import TextStream
 from .model import StarCoder2
 from .prompts import default_stop_ids, fim_prompt
@@ -130,8 +131,9 @@ def load(path_or_id: str | os.PathLike | None = None, dtype: str | torch.dtype |
         dt = torch.bfloat16  # the packed int kernels take bf16 activations
     model, config = load_model(path, dt, dev)
     if quantize is not None:
-        from .infer.quantize import quantize_model
         quantize_model(model, quantize, group_size=group_size, dtype=dt)
+    if dev.type == "cpu" and dt == torch.bfloat16:
+        use_native_kernels(model)  # ~2x faster bf16 decode where the CPU has AVX512_BF16
     try:
         tokenizer = Tokenizer.from_dir(path)
     except TokenizerError as e:

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 SOURCE = Path(__file__).with_name("cpu_linear.cpp")
-REQUIRED_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16")
+REQUIRED_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16", "avx512_vnni")
 
 
 def cpu_supported() -> bool:
