@@ -26,7 +26,7 @@ def test_imports_only_go_downward():
                     bad.append(f"{name} imports {target}")
             if isinstance(node, (ast.Import, ast.ImportFrom)):
                 mod = node.module if isinstance(node, ast.ImportFrom) else node.names[0].name
-                if mod and mod.split(".")[0] == "transformers":
+                if mod and mod.split(".")[0] == "transformers" and name != "bench":  # bench: a measured peer
                     bad.append(f"{name} imports transformers")
     assert not bad, bad
 
