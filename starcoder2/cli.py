@@ -1,4 +1,4 @@
-"""The `starcoder2` command line: complete, infill, info, convert.
+"""The `starcoder2` command line: complete, infill, info, convert, bench.
 
 Every command prints `--help`; every failure is one line on stderr and a non-zero exit status
 (1 for bad input or a bad checkpoint, 130 when interrupted).
@@ -152,6 +152,11 @@ def cmd_convert(args: argparse.Namespace) -> None:
     print(f"wrote {out}")
 
 
+def cmd_bench(args: argparse.Namespace) -> None:
+    from .bench import build_parser as bench_parser, run
+    run(bench_parser("starcoder2 bench").parse_args(args.args))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="starcoder2", description="Run, serve and train StarCoder2 code models.")
     parser.add_argument("--version", action="version", version=f"starcoder2 {__version__}")
@@ -189,6 +194,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="keep", help="fp32 | bf16 | fp16 | keep (default: keep)")
     p.add_argument("--max-shard-size", default="5GB", help="shard above this size (default 5GB)")
     p.set_defaults(func=cmd_convert)
+
+    # The bench options live in starcoder2.bench (one definition, also used by `python -m
+    # starcoder2.bench`): every argument, --help included, is passed through unparsed.
+    p = sub.add_parser("bench", help="speed and memory vs transformers and llama.cpp (bf16, int8, int4)",
+                       add_help=False, prefix_chars="\0")
+    p.add_argument("args", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_bench)
     return parser
 
 
