@@ -18,11 +18,11 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import CheckpointError, load_model, resolve
+from .checkpoint import CheckpointError, load_model, read_tensor, resolve
 from .config import ModelConfig
 from .device import resolve_device, resolve_dtype
 from .infer.generate import SamplingParams, generate_tokens
-from .infer.quantize import quantize_model, use_native_kernels
+from .infer.quantize import is_quant_target, quantize_model, use_native_kernels
 from .infer.text import TextStream
 from .model import StarCoder2
 from .prompts import default_stop_ids, fim_prompt
@@ -118,6 +118,27 @@ class LoadedModel:
         return "".join(self.stream_infill(prefix, suffix, **kw))
 
 
+def load_for_inference(path: Path, dtype: str | torch.dtype | None = None, device: str | torch.device | None = None,
+                       quantize: str | None = None, group_size: int = 128, native: bool = True
+                       ) -> tuple[StarCoder2, ModelConfig]:
+    """The model as `load` prepares it: cast, optionally quantized (streamed: each weight is read,
+    quantized and freed before the next, so peak memory stays near the quantized size), and with
+    the native decode kernels on bf16 CPUs."""
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    if quantize is not None and dt == torch.float32:
+        dt = torch.bfloat16  # the int kernels take bf16 activations
+    if quantize is None:
+        model, config = load_model(path, dt, dev)
+    else:
+        model, config = load_model(path, dt, dev, defer=is_quant_target)
+        quantize_model(model, quantize, group_size=group_size, dtype=dt,
+                       load_weight=lambda name: read_tensor(path, name).to(dev))
+    if native and dev.type == "cpu" and dt == torch.bfloat16:
+        use_native_kernels(model)  # ~2x faster bf16 decode where the CPU has AVX512_BF16
+    return model, config
+
+
 def load(path_or_id: str | os.PathLike | None = None, dtype: str | torch.dtype | None = None,
          device: str | torch.device | None = None, quantize: str | None = None,
          group_size: int = 128) -> LoadedModel:
@@ -125,15 +146,7 @@ def load(path_or_id: str | os.PathLike | None = None, dtype: str | torch.dtype |
     dtype: "fp32" | "bf16" | "fp16" (default bf16); device: "cpu" | "cuda" (default: CUDA when present);
     quantize: None | "int8" | "int4" (weight-only; activations in bf16 unless dtype says otherwise)."""
     path = resolve(path_or_id) if path_or_id is not None else default_model_path()
-    dev = resolve_device(device)
-    dt = resolve_dtype(dtype, dev)
-    if quantize is not None and dt == torch.float32:
-        dt = torch.bfloat16  # the packed int kernels take bf16 activations
-    model, config = load_model(path, dt, dev)
-    if quantize is not None:
-        quantize_model(model, quantize, group_size=group_size, dtype=dt)
-    if dev.type == "cpu" and dt == torch.bfloat16:
-        use_native_kernels(model)  # ~2x faster bf16 decode where the CPU has AVX512_BF16
+    model, config = load_for_inference(path, dtype, device, quantize, group_size)
     try:
         tokenizer = Tokenizer.from_dir(path)
     except TokenizerError as e:

@@ -7,8 +7,8 @@ The protocol of ../shared/reference/performance.md, on the StarCoder2-3B shape w
 checkpoint), for each variant in --variants, each in its own subprocess so that its peak RSS
 (`ru_maxrss`) belongs to it alone:
 
-- ours-bf16 / ours-int8 / ours-int4: `checkpoint.load_model` in bf16, then what `starcoder2.load`
-  does: `quantize_model(model, "int8"|"int4")` for the quantized ones, `use_native_kernels(model)`
+- ours-bf16 / ours-int8 / ours-int4: `api.load_for_inference`, what `starcoder2.load` does: load in
+  bf16 (streaming `quantize_model(model, "int8"|"int4")` for the quantized ones), `use_native_kernels(model)`
   (AVX-512 decode kernels; for int8/int4 this swaps the lm_head). Also ours-fp32 and ours-bf16-torch
   (bf16 on torch's kernels only), which the old core benchmark compared.
 - transformers-bf16 (and -fp32): `Starcoder2ForCausalLM.from_pretrained(path, dtype=...)`.
@@ -288,14 +288,13 @@ class _Ours:
     def __init__(self, path: Path, v: Variant):
         import torch
 
-        from .checkpoint import load_model
-        from .infer.quantize import quantize_model, use_native_kernels
+        from .api import load_for_inference
+        from .infer.quantize import NativeLinear
 
         dtype = torch.float32 if v.dtype == "fp32" else torch.bfloat16
-        self.model, self.cfg = load_model(path, dtype)
-        if v.quant:  # as starcoder2.load(quantize=...) does
-            quantize_model(self.model, v.quant, dtype=dtype)
-        self.native_layers = use_native_kernels(self.model) if v.native and dtype == torch.bfloat16 else 0
+        # exactly what starcoder2.load(...) does: streaming quantization, native kernels on bf16 CPUs
+        self.model, self.cfg = load_for_inference(path, dtype, "cpu", v.quant, native=v.native)
+        self.native_layers = sum(isinstance(m, NativeLinear) for m in self.model.modules())
         self.weight_bytes = model_weight_bytes(self.model, self.cfg.tie_word_embeddings)
 
     def engine(self, max_batch: int, max_len: int, **kw):

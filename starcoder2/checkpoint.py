@@ -18,6 +18,7 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -154,8 +155,10 @@ def _open(file: Path):
         raise CheckpointError(f"{file}: unreadable safetensors file (truncated or corrupt?): {e}") from None
 
 
-def load_state(path: Path, config: ModelConfig, dtype: torch.dtype, device: torch.device) -> dict[str, torch.Tensor]:
-    """Read and check every tensor: native name -> tensor of the right shape, in `dtype` on `device`."""
+def load_state(path: Path, config: ModelConfig, dtype: torch.dtype, device: torch.device,
+               defer: Callable[[str], bool] | None = None) -> dict[str, torch.Tensor]:
+    """Read and check every tensor: native name -> tensor of the right shape, in `dtype` on `device`.
+    Tensors whose native name `defer` accepts are checked but not read (left for `read_tensor`)."""
     with torch.device("meta"):
         expected = {k: v.shape for k, v in StarCoder2(config).state_dict().items()}
     if config.tie_word_embeddings:
@@ -180,6 +183,9 @@ def load_state(path: Path, config: ModelConfig, dtype: torch.dtype, device: torc
                 if shape != tuple(expected[name]):
                     raise CheckpointError(f"{file.name}: tensor {hf_name!r} has shape {list(shape)}, "
                                           f"expected {list(expected[name])}")
+                if defer is not None and defer(name):
+                    state[name] = torch.empty(shape, dtype=dtype, device="meta")
+                    continue
                 try:
                     t = f.get_tensor(hf_name)
                 except (SafetensorError, RuntimeError) as e:
@@ -192,17 +198,42 @@ def load_state(path: Path, config: ModelConfig, dtype: torch.dtype, device: torc
     return state
 
 
-def load_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
-               device: torch.device | str = "cpu") -> tuple[StarCoder2, ModelConfig]:
-    """Load a HF-layout directory into our model, in eval mode."""
+def load_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+               defer: Callable[[str], bool] | None = None) -> tuple[StarCoder2, ModelConfig]:
+    """Load a HF-layout directory into our model, in eval mode. Parameters named by `defer` stay on
+    the meta device, for a caller that reads them one by one (`read_tensor`), e.g. to quantize."""
     path = Path(path)
     config = read_config(path)
-    state = load_state(path, config, dtype, torch.device(device))
+    state = load_state(path, config, dtype, torch.device(device), defer)
     with torch.device("meta"):
         model = StarCoder2(config)
     model.load_state_dict(state, strict=not config.tie_word_embeddings, assign=True)
     model.tie_weights()
     return model.eval(), config
+
+
+def read_tensor(path: str | os.PathLike, native_name: str) -> torch.Tensor:
+    """One tensor by native name, read with plain file reads into fresh memory (no memory map), so
+    that memory is freed with the tensor: what streaming quantization at load needs."""
+    path, hf_name = Path(path), native_to_hf(native_name)
+    files = weight_files(path)
+    index = path / SAFE_INDEX
+    if index.is_file():
+        files = [path / json.loads(index.read_text())["weight_map"][hf_name]]
+    for file in files:
+        with open(file, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(n))
+            if hf_name not in header:
+                continue
+            meta = header[hf_name]
+            start, end = meta["data_offsets"]
+            out = torch.empty(end - start, dtype=torch.uint8)
+            f.seek(8 + n + start)
+            if f.readinto(memoryview(out.numpy())) != end - start:
+                raise CheckpointError(f"{file.name}: cannot read {hf_name!r} (truncated file?)")
+            return out.view(_SAFE_DTYPES[meta["dtype"]]).view(meta["shape"])
+    raise CheckpointError(f"{path}: no tensor {hf_name!r}")
 
 
 # ---- saving -------------------------------------------------------------------------------------

@@ -162,3 +162,19 @@ def test_failed_save_keeps_the_old_checkpoint(saved, monkeypatch):
         save_model(other, saved)
     assert (saved / "model.safetensors").read_bytes() == before
     assert [p.name for p in saved.parent.iterdir()] == ["ckpt"]  # no temporary left behind
+
+
+def test_read_tensor_without_mmap(saved, tmp_path):
+    from starcoder2.checkpoint import read_tensor
+    m, _ = load_model(saved)
+    for name in ("layers.1.mlp.c_fc.weight", "embed_tokens.weight", "norm.bias"):
+        assert torch.equal(read_tensor(saved, name), m.state_dict()[name])
+    _, ours = hf_reference(tiny())
+    save_model(ours, tmp_path / "sharded", max_shard_size="50KB")
+    assert torch.equal(read_tensor(tmp_path / "sharded", "layers.0.self_attn.q_proj.weight"),
+                       ours.layers[0].self_attn.q_proj.weight)
+
+
+def test_deferred_tensors_stay_on_meta(saved):
+    m, _ = load_model(saved, defer=lambda n: n.endswith("c_fc.weight"))
+    assert m.layers[0].mlp.c_fc.weight.is_meta and not m.layers[0].mlp.c_proj.weight.is_meta

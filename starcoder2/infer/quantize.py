@@ -18,7 +18,8 @@ bound there anyway. `kernel="reference"` always takes the dequantize path: the o
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -168,6 +169,12 @@ def _targets(model: nn.Module, names: tuple[str, ...] = QUANT_TARGETS) -> list[t
     return out
 
 
+def is_quant_target(param_name: str) -> bool:
+    """True for the weight names `quantize_model` replaces, e.g. 'layers.3.mlp.c_fc.weight'."""
+    parts = param_name.split(".")
+    return len(parts) >= 2 and parts[-1] == "weight" and parts[-2] in QUANT_TARGETS
+
+
 def use_native_kernels(model: nn.Module) -> int:
     """Route decode-sized products of a bf16 model's Linear layers (and LM head) to the native
     kernel. Returns how many layers were swapped (0 when the kernels are unavailable)."""
@@ -229,14 +236,23 @@ def awq_scale(lin: nn.Linear, mean_abs: torch.Tensor, x: torch.Tensor, group_siz
 
 @torch.no_grad()
 def quantize_model(model: nn.Module, mode: str, group_size: int = 128, kernel: str = "auto",
-                   calibration: Iterable[torch.Tensor] | None = None, dtype: torch.dtype = torch.bfloat16) -> nn.Module:
+                   calibration: Iterable[torch.Tensor] | None = None, dtype: torch.dtype = torch.bfloat16,
+                   load_weight: Callable[[str], torch.Tensor] | None = None) -> nn.Module:
     """Replace every attention/MLP Linear by a QuantizedLinear, in place. With `calibration`
-    (batches of token ids) and mode int4, choose AWQ input scales first (on the float model)."""
+    (batches of token ids) and mode int4, choose AWQ input scales first (on the float model).
+    Weights still on the meta device are fetched one at a time by `load_weight(name)` and freed
+    once quantized, so peak memory stays near the quantized size (streaming quantization at load)."""
     if mode not in QUANT_MODES:
         raise ValueError(f"unknown quantization {mode!r}; choose int8 or int4")
     stats = activation_stats(model, calibration) if calibration is not None and mode == "int4" else {}
+    names = {id(m): n for n, m in model.named_modules()}
     for parent, name, lin in _targets(model):
+        source = lin
+        if lin.weight.is_meta:
+            if load_weight is None:
+                raise ValueError(f"{names[id(lin)]}.weight is not loaded and no load_weight was given")
+            source = SimpleNamespace(weight=load_weight(f"{names[id(lin)]}.weight"), bias=lin.bias)
         s = awq_scale(lin, *stats[lin], group_size) if lin in stats else None
-        setattr(parent, name, QuantizedLinear(lin, mode, group_size, kernel, in_scale=s, dtype=dtype))
+        setattr(parent, name, QuantizedLinear(source, mode, group_size, kernel, in_scale=s, dtype=dtype))
     model.to(dtype)  # embedding, norms and head in the activation dtype
     return model
