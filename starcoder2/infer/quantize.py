@@ -30,6 +30,7 @@ from ..kernels import native
 QUANT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "c_fc", "c_proj")
 QUANT_MODES = ("int8", "int4")
 NATIVE_MAX_ROWS = 16  # above this many input rows (prefill), GEMM libraries win
+NATIVE_ROW_BLOCK = 8  # out_features must be a multiple of this (R_BF16 in cpu_linear.cpp; R_INT is 4)
 
 
 def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -85,7 +86,8 @@ class NativeLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features)
-        if _native_ok(x2, "native") and self.weight.dtype == torch.bfloat16:
+        if (_native_ok(x2, "native") and self.weight.dtype == torch.bfloat16
+                and self.out_features % NATIVE_ROW_BLOCK == 0 and self.in_features % 32 == 0):
             y = native().linear_bf16(x2.contiguous(), self.weight, self.bias)
             return y.view(*x.shape[:-1], self.out_features)
         return F.linear(x, self.weight, self.bias)
@@ -102,12 +104,12 @@ class QuantizedLinear(nn.Module):
         w = linear.weight.detach()
         self.mode, self.group_size, self.dtype = mode, group_size, dtype
         self.in_features, self.out_features = w.shape[1], w.shape[0]
-        fits = self.in_features % 64 == 0 and self.out_features % 4 == 0 and group_size % 64 == 0
+        fits = self.in_features % 64 == 0 and self.out_features % NATIVE_ROW_BLOCK == 0 and group_size % 64 == 0
         if kernel == "auto":
             kernel = "native" if fits and native() is not None else "reference"
         if kernel == "native" and (not fits or native() is None):
             raise ValueError("native kernels need an AVX512 BF16/VNNI CPU, in_features and group_size multiples "
-                             "of 64, out_features of 4")
+                             f"of 64, out_features of {NATIVE_ROW_BLOCK}")
         self.kernel = kernel
         self.register_buffer("in_scale", None if in_scale is None else (1.0 / in_scale).to(dtype))
         if in_scale is not None:
