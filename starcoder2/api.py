@@ -62,19 +62,22 @@ class LoadedModel:
         return SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                               repetition_penalty=repetition_penalty, seed=seed, stop=stop, stop_token_ids=stop_ids)
 
-    def _stream(self, ids: list[int], stop_ids: list[int], **kw) -> Iterator[str]:
-        params = self._params(stop_ids, **kw)
-        text = TextStream(self.tokenizer, params.stop)
+    def _run(self, prompts: list[list[int]], params: SamplingParams) -> Iterator[tuple[int, int | None, str]]:
+        """(row, token, new text) as generated; a row ends at a stop string too. After the last
+        token, each row's held-back text comes with token None."""
+        texts = [TextStream(self.tokenizer, params.stop) for _ in prompts]
         cancelled: set[int] = set()
-        for _, tok in generate_tokens(self.model, [ids], params, cancelled):
-            piece = text.push(tok)
+        for b, tok in generate_tokens(self.model, prompts, params, cancelled):
+            yield b, tok, texts[b].push(tok)
+            if texts[b].stopped:
+                cancelled.add(b)
+        for b, text in enumerate(texts):
+            yield b, None, text.flush()
+
+    def _stream(self, ids: list[int], stop_ids: list[int], **kw) -> Iterator[str]:
+        for _, _, piece in self._run([ids], self._params(stop_ids, **kw)):
             if piece:
                 yield piece
-            if text.stopped:
-                cancelled.add(0)
-        tail = text.flush()
-        if tail:
-            yield tail
 
     # ---- token level -------------------------------------------------------------------------
 
@@ -86,15 +89,10 @@ class LoadedModel:
             input_ids = input_ids.tolist()
         single = bool(input_ids) and isinstance(input_ids[0], int)
         prompts = [input_ids] if single else input_ids
-        params = self._params([self.tokenizer.eos_id], **kw)
         out: list[list[int]] = [[] for _ in prompts]
-        texts = [TextStream(self.tokenizer, params.stop) for _ in prompts]
-        cancelled: set[int] = set()
-        for b, tok in generate_tokens(self.model, prompts, params, cancelled):
-            out[b].append(tok)
-            texts[b].push(tok)
-            if texts[b].stopped:
-                cancelled.add(b)
+        for b, tok, _ in self._run(prompts, self._params([self.tokenizer.eos_id], **kw)):
+            if tok is not None:
+                out[b].append(tok)
         return out[0] if single else out
 
     # ---- text level --------------------------------------------------------------------------

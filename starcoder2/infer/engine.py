@@ -32,7 +32,7 @@ from ..device import make_generator
 from ..kv_cache import KVCache
 from ..model import StarCoder2
 from ..tokenizer import Tokenizer
-from .generate import PREFILL_CHUNK, SamplingParams
+from .generate import SamplingParams, prefill
 from .prefix_cache import PrefixCache
 from .sampling import apply_repetition_penalty, sample
 from .speculative import prompt_lookup_draft
@@ -197,14 +197,9 @@ class Engine:
         if self.prefix_cache is not None:
             reused, entry = self.prefix_cache.lookup(req.prompt)
             if entry is not None:
-                self.cache.write_row(row, *entry.slice(self.prefix_cache._needed_from(reused), reused))
+                self.cache.write_row(row, *entry.slice(self.prefix_cache.needed_from(reused), reused))
         req.cached_tokens = reused
-        rows = slice(row, row + 1)
-        for start in range(reused, len(req.prompt), PREFILL_CHUNK):
-            piece = req.prompt[start:start + PREFILL_CHUNK]
-            ids = torch.tensor([piece], device=self.device)
-            pos = torch.arange(start, start + len(piece), device=self.device)[None]
-            h = self.model.hidden_states(ids, pos, self.cache, rows)
+        logits = prefill(self.model, req.prompt, self.cache, row, start=reused)  # (V,)
         if self.prefix_cache is not None:
             self.prefix_cache.store(req.prompt, *self.cache.read_row(row))
         p = req.params
@@ -220,7 +215,7 @@ class Engine:
         if p.max_new_tokens == 0:
             self._finish(req, "length")
         else:
-            self._accept(req, self.model.logits(h[:, -1]))  # (1, V)
+            self._accept(req, logits[None])  # (1, V)
 
     @torch.inference_mode()
     def _decode(self) -> None:

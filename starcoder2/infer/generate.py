@@ -50,14 +50,15 @@ class SamplingParams:
 
 
 @torch.inference_mode()
-def prefill(model: StarCoder2, ids: list[int], cache: KVCache, row: int, chunk: int = PREFILL_CHUNK) -> torch.Tensor:
-    """Run one prompt into cache row `row`; returns the logits of its last position, (V,) fp32."""
+def prefill(model: StarCoder2, ids: list[int], cache: KVCache, row: int, start: int = 0,
+            chunk: int = PREFILL_CHUNK) -> torch.Tensor:
+    """Run prompt tokens ids[start:] into cache row `row`, whose positions 0..start-1 the caller has
+    filled (a reused prefix) or which is empty; returns the logits of the last position, (V,) fp32."""
     device = cache.k.device
-    rows = torch.tensor([row], device=device)
-    cache.reset(rows)
-    for start in range(0, len(ids), chunk):
-        piece = torch.tensor([ids[start:start + chunk]], device=device)  # (1, T)
-        pos = torch.arange(start, start + piece.shape[1], device=device)[None]  # (1, T)
+    rows = slice(row, row + 1)  # a view of the cache row, no copies
+    for begin in range(start, len(ids), chunk):
+        piece = torch.tensor([ids[begin:begin + chunk]], device=device)  # (1, T)
+        pos = torch.arange(begin, begin + piece.shape[1], device=device)[None]  # (1, T)
         h = model.hidden_states(piece, pos, cache, rows)
     return model.logits(h[0, -1])
 

@@ -52,7 +52,7 @@ class PrefixCache:
         self.tokens = 0
         self.hits = self.misses = self.reused_tokens = 0
 
-    def _needed_from(self, r: int) -> int:
+    def needed_from(self, r: int) -> int:
         return 0 if self.window is None else max(0, r - self.window + 1)
 
     def lookup(self, ids: list[int]) -> tuple[int, PrefixEntry | None]:
@@ -60,7 +60,7 @@ class PrefixCache:
         best, best_entry = 0, None
         for entry in self.entries.values():
             r = min(common_prefix(entry.ids, ids), len(ids) - 1)
-            if r > best and r <= entry.first + entry.pos.numel() and entry.first <= self._needed_from(r):
+            if r > best and r <= entry.first + entry.pos.numel() and entry.first <= self.needed_from(r):
                 best, best_entry = r, entry
         if best_entry is None or best < self.min_tokens:
             self.misses += 1
