@@ -157,6 +157,94 @@ def cmd_bench(args: argparse.Namespace) -> None:
     run(bench_parser("starcoder2 bench").parse_args(args.args))
 
 
+def cmd_tokenizer_train(args: argparse.Namespace) -> None:
+    from .data.ingest import read_sources
+    from .tokenizer import train_bpe
+
+    if args.vocab_size < 300:
+        raise ValueError("--vocab-size must be at least 300 (256 byte symbols plus the special tokens)")
+    texts = [d.text for repo in read_sources(args.corpus, args.max_bytes) for d in repo.docs]
+    if not texts:
+        raise ValueError("the corpus holds no readable source files")
+    print(f"training a {args.vocab_size}-token BPE on {len(texts):,} files "
+          f"({sum(map(len, texts)) / 1e6:.1f} M characters)", file=sys.stderr)
+    tok = train_bpe(texts, args.vocab_size, show_progress=not args.quiet)
+    tok.save(args.out)
+    print(f"wrote {args.out}/tokenizer.json and tokenizer_config.json ({tok.vocab_size} ids)")
+
+
+def cmd_data_prepare(args: argparse.Namespace) -> None:
+    import dataclasses
+
+    from .data.pipeline import DataConfig, prepare
+    from .tokenizer import Tokenizer
+
+    config = DataConfig.from_file(args.config) if args.config else DataConfig()
+    overrides = {k: v for k, v in (("seed", args.seed), ("workers", args.workers), ("holdout", args.holdout)) if v is not None}
+    if overrides:
+        config = dataclasses.replace(config, **overrides)
+    if args.tasks:
+        _data_prepare_distributed(args, config)
+        return
+    tok = Tokenizer.from_dir(args.tokenizer) if args.tokenizer else None
+    prepare(args.sources, args.out, tokenizer=tok, config=config, jsonl=args.jsonl, progress=not args.quiet,
+            log=lambda m: print(m, file=sys.stderr))
+    if tok is not None:
+        tok.save(Path(args.out) / "tokenizer")
+
+
+def _data_prepare_distributed(args: argparse.Namespace, config) -> None:
+    """`data prepare --tasks N`: the same stages as datatrove jobs (data/scaleout.py, docs/data.md)."""
+    import importlib.util
+
+    from .tokenizer import Tokenizer
+
+    if importlib.util.find_spec("datatrove") is None:
+        raise ValueError("--tasks needs datatrove: pip install 'starcoder2[scale]'")
+    if not args.tokenizer:
+        raise ValueError("--tasks needs --tokenizer")
+    if args.jsonl:
+        raise ValueError("--jsonl is written by the single-process run only (drop --tasks)")
+    slurm = None
+    if args.executor == "slurm":
+        if not args.slurm_partition:
+            raise ValueError("--executor slurm needs --slurm-partition")
+        slurm = {"partition": args.slurm_partition, "time": args.slurm_time,
+                 "cpus_per_task": args.slurm_cpus_per_task, "mem_per_cpu_gb": args.slurm_mem_per_cpu_gb,
+                 "single_task": {"cpus_per_task": 1, "mem_per_cpu_gb": args.slurm_global_mem_gb}}
+    from .data.scaleout import prepare_distributed
+
+    Tokenizer.from_dir(args.tokenizer).save(Path(args.out) / "tokenizer")  # as the single-process run leaves it
+    prepare_distributed(args.sources, args.out, tokenizer_dir=args.tokenizer, config=config, tasks=args.tasks,
+                        workers=args.workers or -1, executor=args.executor, slurm_options=slurm,
+                        log=lambda m: print(m, file=sys.stderr))
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from .train.config import TrainConfig
+    from .train.loop import train
+
+    if args.config:
+        config = TrainConfig.from_file(args.config)
+    elif args.data and args.out:
+        config = TrainConfig(data=args.data, out=args.out, model=args.preset or "small")
+    else:
+        raise ValueError("give --config FILE, or --data DIR and --out DIR (with --preset NAME)")
+    overrides = {k: v for k, v in (("data", args.data), ("out", args.out), ("max_steps", args.max_steps),
+                                   ("model", args.preset)) if v is not None}
+    if overrides:
+        config = TrainConfig.from_dict({**config.to_dict(), **overrides})
+    train(config, resume=args.resume, device=None if args.device == "auto" else args.device,
+          progress=not args.quiet, log=lambda m: print(m, file=sys.stderr))
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from .device import resolve_dtype
+    from .train.loop import export_checkpoint
+    path = export_checkpoint(args.checkpoint, args.out, resolve_dtype(args.dtype))
+    print(f"wrote {path}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="starcoder2", description="Run, serve and train StarCoder2 code models.")
     parser.add_argument("--version", action="version", version=f"starcoder2 {__version__}")
@@ -194,6 +282,56 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="keep", help="fp32 | bf16 | fp16 | keep (default: keep)")
     p.add_argument("--max-shard-size", default="5GB", help="shard above this size (default 5GB)")
     p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("tokenizer", help="tokenizer tools")
+    tsub = p.add_subparsers(dest="tokenizer_command", metavar="ACTION", required=True)
+    p = tsub.add_parser("train", help="train a byte-level BPE with StarCoder2's special tokens")
+    p.add_argument("corpus", nargs="+", help="directories, git repositories, files or JSONL (content/text field)")
+    p.add_argument("--vocab-size", type=int, required=True)
+    p.add_argument("--out", "-o", required=True)
+    p.add_argument("--max-bytes", type=int, default=1 << 20, help="skip files larger than this (default 1 MiB)")
+    p.add_argument("--quiet", "-q", action="store_true")
+    p.set_defaults(func=cmd_tokenizer_train)
+
+    p = sub.add_parser("data", help="data pipeline")
+    dsub = p.add_subparsers(dest="data_command", metavar="ACTION", required=True)
+    p = dsub.add_parser("prepare", help="sources -> filtered, deduplicated, redacted token shards")
+    p.add_argument("sources", nargs="+", help="directories, git repositories, files or JSONL")
+    p.add_argument("--out", "-o", required=True)
+    p.add_argument("--tokenizer", help="tokenizer directory (without it: stop before tokenization)")
+    p.add_argument("--config", help="JSON or TOML with DataConfig fields")
+    p.add_argument("--jsonl", help="also write the kept documents (text + metadata) to this JSONL file")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--holdout", type=float, help="fraction of files held out as the valid split")
+    p.add_argument("--workers", type=int, help="processes (default: every core); with --tasks: tasks at once")
+    p.add_argument("--quiet", "-q", action="store_true")
+    g = p.add_argument_group("scale-out on datatrove (docs/data.md)")
+    g.add_argument("--tasks", type=int, help="run as datatrove jobs with this many tasks (default: one process)")
+    g.add_argument("--executor", choices=("local", "slurm"), default="local", help="where the tasks run")
+    g.add_argument("--slurm-partition", help="Slurm partition (required with --executor slurm)")
+    g.add_argument("--slurm-time", default="24:00:00", help="time limit of each Slurm task")
+    g.add_argument("--slurm-cpus-per-task", type=int, default=1)
+    g.add_argument("--slurm-mem-per-cpu-gb", type=int, default=2, help="memory of the N-task steps, per CPU")
+    g.add_argument("--slurm-global-mem-gb", type=int, default=64,
+                   help="memory of the one-task steps (global dedup, merge)")
+    p.set_defaults(func=cmd_data_prepare)
+
+    p = sub.add_parser("train", help="pre-train or continue training (torchrun for several processes)")
+    p.add_argument("--config", "-c", help="JSON or TOML with TrainConfig fields")
+    p.add_argument("--preset", help="model preset (tiny, small, ...) when no --config")
+    p.add_argument("--data", help="prepared data directory (overrides the config)")
+    p.add_argument("--out", "-o", help="run directory (overrides the config)")
+    p.add_argument("--max-steps", type=int)
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/latest")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--quiet", "-q", action="store_true")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("export", help="a training checkpoint (or run directory) -> Hugging Face layout")
+    p.add_argument("checkpoint")
+    p.add_argument("--out", "-o", required=True)
+    p.add_argument("--dtype", default="bf16")
+    p.set_defaults(func=cmd_export)
 
     # The bench options live in starcoder2.bench (one definition, also used by `python -m
     # starcoder2.bench`): every argument, --help included, is passed through unparsed.

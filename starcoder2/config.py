@@ -208,7 +208,24 @@ def small() -> ModelConfig:
                        num_kv_heads=2, max_position_embeddings=4096, sliding_window=1024, rope_theta=100000.0)
 
 
-PRESETS = {"tiny": tiny, "small": small, "3b": starcoder2_3b, "7b": starcoder2_7b, "15b": starcoder2_15b}
+def embedded() -> ModelConfig:
+    """The default model shipped inside the package (~8M parameters, 8k vocabulary, bf16 ~16 MB).
+
+    Sized for about 2 hours of training on 2 CPU cores: at that compute (~1e15 FLOPs) a few million
+    parameters seen over ~15M tokens beat a larger model seen over fewer."""
+    return ModelConfig(vocab_size=8192, hidden_size=256, intermediate_size=1024, num_layers=8, num_heads=4,
+                       num_kv_heads=2, max_position_embeddings=4096, sliding_window=512, rope_theta=10000.0,
+                       initializer_range=0.02)
+
+
+def m100() -> ModelConfig:
+    """About 100M parameters (GPT-2-small scale): the larger preset of the training benchmark."""
+    return ModelConfig(vocab_size=16384, hidden_size=768, intermediate_size=3072, num_layers=12, num_heads=12,
+                       num_kv_heads=4, max_position_embeddings=4096, sliding_window=1024, rope_theta=100000.0,
+                       initializer_range=0.02)
+
+
+PRESETS = {"tiny": tiny, "small": small, "embedded": embedded, "100m": m100, "3b": starcoder2_3b, "7b": starcoder2_7b, "15b": starcoder2_15b}
 
 
 def preset(name: str) -> ModelConfig:

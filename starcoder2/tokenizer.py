@@ -263,7 +263,7 @@ class StreamDecoder:
         return self.tokenizer.decode(ids, skip_special=self.skip_special) if ids else ""
 
 
-def train_bpe(texts: Iterable[str], vocab_size: int) -> Tokenizer:
+def train_bpe(texts: Iterable[str], vocab_size: int, show_progress: bool = False) -> Tokenizer:
     """Train a StarCoder2-shaped byte-level BPE; the 38 special tokens get ids 0..37 in order."""
     hf = tokenizers.Tokenizer(models.BPE())
     # Digits then the GPT-2 regex, as StarCoder1 did (reference §6.3).
@@ -278,7 +278,7 @@ def train_bpe(texts: Iterable[str], vocab_size: int) -> Tokenizer:
         vocab_size=vocab_size,
         special_tokens=STARCODER2_SPECIAL_TOKENS,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
+        show_progress=show_progress,
     )
     hf.train_from_iterator(texts, trainer=trainer)
     return Tokenizer(hf, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
