@@ -245,6 +245,27 @@ def cmd_export(args: argparse.Namespace) -> None:
     print(f"wrote {path}")
 
 
+def cmd_serve(args: argparse.Namespace) -> None:
+    import importlib.util
+    if importlib.util.find_spec("fastapi") is None or importlib.util.find_spec("uvicorn") is None:
+        raise ValueError("serve needs fastapi and uvicorn: pip install 'starcoder2[serve]'")
+    api_key = args.api_key
+    if args.api_key_file:
+        api_key = _read_text(args.api_key_file).strip()
+        if not api_key:
+            raise ValueError(f"{args.api_key_file} holds no API key")
+    settings = {k: v for k, v in (("max_batch", args.max_batch), ("max_queue", args.max_queue),
+                                  ("max_seq_len", args.max_seq_len), ("model_name", args.model_name),
+                                  ("cors_origins", args.cors_origin or None)) if v is not None}
+    import uvicorn
+
+    from .server import create_app
+    app = create_app(_load(args), api_key=api_key, **settings)
+    print(f"starcoder2: serving {app.state.server.lm.path} on http://{args.host}:{args.port}"
+          f"{' (API key required)' if api_key else ''}", file=sys.stderr)
+    uvicorn.run(app, host=args.host, port=args.port, timeout_graceful_shutdown=args.shutdown_timeout)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="starcoder2", description="Run, serve and train StarCoder2 code models.")
     parser.add_argument("--version", action="version", version=f"starcoder2 {__version__}")
@@ -332,6 +353,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", "-o", required=True)
     p.add_argument("--dtype", default="bf16")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("serve", help="HTTP server: OpenAI, TGI, llama.cpp and Tabby completion APIs, playground at /")
+    _add_model_args(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000)
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--api-key", help="require this key (Authorization: Bearer KEY); visible to other local users")
+    g.add_argument("--api-key-file", help="read the required API key from this file")
+    p.add_argument("--max-batch", type=int, help="requests decoded together (default 8)")
+    p.add_argument("--max-queue", type=int, help="requests waiting beyond --max-batch before 429 (default 32)")
+    p.add_argument("--max-seq-len", type=int, help="tokens per request, prompt + completion (default: the model's)")
+    p.add_argument("--model-name", help="name in /v1/models and responses (default: the checkpoint directory's)")
+    p.add_argument("--cors-origin", action="append", help="browser origin allowed by CORS (repeatable; '*': any)")
+    p.add_argument("--shutdown-timeout", type=float, default=10.0,
+                   help="seconds in-flight requests get to finish on shutdown before they are cancelled")
+    p.set_defaults(func=cmd_serve)
 
     # The bench options live in starcoder2.bench (one definition, also used by `python -m
     # starcoder2.bench`): every argument, --help included, is passed through unparsed.

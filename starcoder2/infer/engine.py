@@ -62,6 +62,11 @@ class Request:
     t_done: float | None = None
     cancelled: bool = False
     done: threading.Event = field(default_factory=threading.Event)
+    # Log-probabilities of the model's distribution (before penalties and temperature), recorded per
+    # output token when `logprobs` is not None: the sampled token's, and the `logprobs` most likely.
+    logprobs: int | None = None
+    token_logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
     # decoding state
     _pos: int = 0  # position of the next token to feed
     _pending: int | None = None  # sampled token not yet fed
@@ -72,6 +77,11 @@ class Request:
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+    @property
+    def stopped_by_string(self) -> bool:
+        """True when a stop string (not a stop id) ended the request."""
+        return self._stream is not None and self._stream.stopped
 
     def wait(self, timeout: float | None = None) -> bool:
         return self.done.wait(timeout)
@@ -104,7 +114,7 @@ class Engine:
     # ---- public --------------------------------------------------------------------------------
 
     def submit(self, prompt: list[int], params: SamplingParams | None = None,
-               on_event: Callable[[Event], None] | None = None) -> Request:
+               on_event: Callable[[Event], None] | None = None, logprobs: int | None = None) -> Request:
         params = params or SamplingParams()
         if not prompt:
             raise ValueError("the prompt is empty")
@@ -113,7 +123,7 @@ class Engine:
         vocab = self.model.config.vocab_size
         if min(prompt) < 0 or max(prompt) >= vocab:
             raise ValueError(f"token ids must be in [0, {vocab})")
-        req = Request(next(self._ids), list(prompt), params, on_event)
+        req = Request(next(self._ids), list(prompt), params, on_event, logprobs=logprobs)
         with self._work:
             self.waiting.append(req)
             self._work.notify()
@@ -272,6 +282,7 @@ class Engine:
         req._pending = None
         if req.cancelled:
             return self._finish(req, "cancelled")
+        raw = logits
         if req._seen is not None:
             logits = apply_repetition_penalty(logits, req._seen[None], p.repetition_penalty)
         tok = int(sample(logits, p.temperature, p.top_k, p.top_p, req._gen)[0])
@@ -280,6 +291,12 @@ class Engine:
         if tok in p.stop_token_ids:
             return self._finish(req, "stop")
         req.output.append(tok)
+        if req.logprobs is not None:
+            lp = raw[0].float().log_softmax(-1)  # (V,)
+            req.token_logprobs.append(float(lp[tok]))
+            if req.logprobs:
+                top = lp.topk(min(req.logprobs, lp.shape[0]))
+                req.top_logprobs.append(list(zip(top.indices.tolist(), top.values.tolist())))
         self.stats["generated_tokens"] += 1
         if req._seen is not None:
             req._seen[tok] = True

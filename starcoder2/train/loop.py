@@ -135,7 +135,7 @@ def train(config: TrainConfig, *, resume: bool = False, device: str | None = Non
     fpt = flops_per_token(model, config.seq_len)
     peak = config.peak_flops or KNOWN_PEAK_FLOPS.get(
         "cpu" if dev.type == "cpu" else next((k for k in KNOWN_PEAK_FLOPS if k in torch.cuda.get_device_name(dev)), ""))
-    peak = peak * (d.world_size if peak else 1) if peak else None
+    peak = peak * d.world_size if peak else None  # every process brings its own device
     metrics_file = None
     if d.is_main:
         out.mkdir(parents=True, exist_ok=True)
@@ -189,7 +189,8 @@ def train(config: TrainConfig, *, resume: bool = False, device: str | None = Non
         if eval_batches and (step % config.eval_every == 0 or step == config.max_steps):
             record = {**(record or {"step": step}), **evaluate(runner, eval_batches, eval_bytes, dev, autocast)}
             if d.is_main:
-                bar.write(f"step {step}: val loss {record['val_loss']:.4f}, {record['val_bpb']:.4f} bits/byte")
+                msg = f"step {step}: val loss {record['val_loss']:.4f}, {record['val_bpb']:.4f} bits/byte"
+                bar.write(msg) if progress else log(msg)
         if record and d.is_main:
             metrics_file.write(json.dumps(record) + "\n")
             metrics_file.flush()
