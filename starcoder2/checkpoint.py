@@ -302,6 +302,12 @@ def save_model(model: StarCoder2, out_dir: str | os.PathLike, dtype: torch.dtype
                 src = Path(tokenizer_dir) / name
                 if src.is_file():
                     shutil.copy2(src, tmp / name)
+        # mkdtemp makes a private (0700) directory: give the checkpoint ordinary permissions.
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)
+        for f in tmp.iterdir():
+            f.chmod(0o666 & ~umask)
         # Swap in: the old checkpoint (if any) is removed only after the new one is complete.
         old = None
         if out.exists():

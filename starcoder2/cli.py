@@ -266,7 +266,63 @@ def cmd_serve(args: argparse.Namespace) -> None:
     uvicorn.run(app, host=args.host, port=args.port, timeout_graceful_shutdown=args.shutdown_timeout)
 
 
+def cmd_eval(args: argparse.Namespace) -> None:
+    import json
+    if args.task == "perplexity":
+        return _eval_perplexity(args)
+    from .eval.runner import EvalSettings, evaluate, markdown_table
+    if args.samples and args.model:
+        raise ValueError("--samples scores completions made elsewhere: give either --samples or --model")
+    if args.greedy and (args.temperature or args.top_p is not None):
+        raise ValueError("--greedy takes no --temperature or --top-p")
+    sampling = args.n_samples is not None or args.temperature is not None
+    temperature = (0.2 if args.temperature is None else args.temperature) if sampling else 0.0
+    top_p = (0.95 if args.top_p is None else args.top_p) if sampling else 1.0
+    settings = EvalSettings(n_samples=args.n_samples or 1, temperature=temperature, top_p=top_p,
+                            max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed,
+                            workers=args.workers, timeout_s=args.timeout, code_checks=not args.no_code_checks)
+    lm = None if args.samples else _load(args)
+    report = evaluate(args.task, lm=lm, samples=args.samples, data=args.data, limit=args.limit, settings=settings,
+                      results=args.results, model_name=None if lm is None else str(lm.path),
+                      progress=not args.quiet)
+    if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text(json.dumps(report, indent=2) + "\n")
+    print(markdown_table(report))
+
+
+def _eval_perplexity(args: argparse.Namespace) -> None:
+    import json
+    from .eval.runner import perplexity_table
+    from .eval.tasks import perplexity
+    if not args.data:
+        raise ValueError("perplexity needs --data: a prepared data directory (its valid split) or a text file")
+    lm = _load(args)
+    result = perplexity(lm.model, lm.tokenizer, args.data, seq_len=args.seq_len, limit=args.limit)
+    result.update(task="perplexity", model=str(lm.path))
+    if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
+    print(perplexity_table(result))
+
+
+def cmd_compare(args: argparse.Namespace) -> None:
+    import json
+    from .eval.compare import compare, markdown_table, plot
+    rows = compare(args.models, limit=args.limit, data=args.data, dtype=args.dtype, device=args.device,
+                   speed_prompts=args.speed_prompts, speed_tokens=args.speed_tokens,
+                   max_new_tokens=args.max_new_tokens, isolate=not args.in_process)
+    print(markdown_table(rows))
+    if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text(json.dumps(rows, indent=2) + "\n")
+    if args.plot:
+        plot(rows, args.plot)
+        print(f"wrote {args.plot}", file=sys.stderr)
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from .eval.tasks import TASK_NAMES
     parser = argparse.ArgumentParser(prog="starcoder2", description="Run, serve and train StarCoder2 code models.")
     parser.add_argument("--version", action="version", version=f"starcoder2 {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -369,6 +425,46 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shutdown-timeout", type=float, default=10.0,
                    help="seconds in-flight requests get to finish on shutdown before they are cancelled")
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("eval", help="benchmarks: HumanEval(+), MBPP+, HumanEval infilling (pass@k, sandboxed), perplexity")
+    p.add_argument("task", choices=TASK_NAMES, metavar="TASK", help=", ".join(TASK_NAMES))
+    _add_model_args(p)
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--greedy", action="store_true", help="greedy, one sample per problem (the default)")
+    g.add_argument("--n-samples", type=int, help="samples per problem (sampling; default T 0.2, top-p 0.95)")
+    p.add_argument("--temperature", type=float, help="sampling temperature (with --n-samples; default 0.2)")
+    p.add_argument("--top-p", type=float, help="nucleus sampling (with --n-samples; default 0.95)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-new-tokens", type=int, help="default: 512 (completion), 128 (infilling)")
+    p.add_argument("--data", help="benchmarks folder or data file (default: ../shared/data/benchmarks beside "
+                   "the checkout, when present); perplexity: a prepared data directory or a text file")
+    p.add_argument("--limit", type=int, help="first K problems (perplexity: K windows)")
+    p.add_argument("--output", "-o", help="write the JSON report here")
+    p.add_argument("--samples", help="score completions made elsewhere (JSONL: task_id, completion); no model")
+    p.add_argument("--results", help="per-sample JSONL, appended as samples are judged; a rerun continues it")
+    p.add_argument("--batch-size", type=int, default=8, help="sequences generated together (default 8)")
+    p.add_argument("--workers", type=int, help="sandbox processes in parallel (default: the sandbox's)")
+    p.add_argument("--timeout", type=float, help="seconds per test program (default 10)")
+    p.add_argument("--no-code-checks", action="store_true", help="skip syntax/ruff/bandit/dependency checks")
+    p.add_argument("--seq-len", type=int, default=1024, help="perplexity window (default 1024)")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("compare", help="models or precisions side by side: size, memory, load, TTFT, tok/s, "
+                       "pass@1, FIM exact match")
+    p.add_argument("models", nargs="+", metavar="M", help="PATH[:int8|int4|fp32|bf16|fp16]")
+    p.add_argument("--dtype", default="auto", help="dtype where M names none (default: bf16)")
+    p.add_argument("--device", default="auto", help="cpu | cuda (default: cuda when present)")
+    p.add_argument("--limit", type=int, default=10, help="HumanEval problems and infilling holes (default 10)")
+    p.add_argument("--data", help="benchmarks folder, for FIM exact match")
+    p.add_argument("--max-new-tokens", type=int, help="for pass@1 and exact match (default: the tasks')")
+    p.add_argument("--speed-prompts", type=int, default=3, help="prompts timed for TTFT and tok/s (default 3)")
+    p.add_argument("--speed-tokens", type=int, default=64, help="new tokens per timed prompt (default 64)")
+    p.add_argument("--plot", help="write a bar chart per metric to this image")
+    p.add_argument("--output", "-o", help="write the rows as JSON here")
+    p.add_argument("--in-process", action="store_true",
+                   help="measure every model in this process (default: a fresh process each, for fair memory)")
+    p.set_defaults(func=cmd_compare)
 
     # The bench options live in starcoder2.bench (one definition, also used by `python -m
     # starcoder2.bench`): every argument, --help included, is passed through unparsed.

@@ -49,7 +49,8 @@ def test_it_learned_python(lm):
             logits = lm.model(x)
         return torch.nn.functional.cross_entropy(logits[0, :-1], x[0, 1:]).item()
 
-    assert nll(ids) < 2.0 < nll(shuffled)
+    # ln(8192) = 9.0 nats is a uniform guess; the model's held-out loss is ~2.9 (model card)
+    assert nll(ids) < 3.0 and nll(shuffled) > nll(ids) + 2.0
 
 
 def test_complete_and_infill(lm):
