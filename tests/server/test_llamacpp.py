@@ -3,23 +3,11 @@ StarCoder2's repository format, truncation, the prefix cache, n_indent, response
 
 import pytest
 
-from starcoder2 import load
 from starcoder2.prompts import fim_prompt, repo_prompt
 from starcoder2.server.llamacpp import IndentCut
-from tests.server import make_client, metric, record_prompts, sse_json
+from tests.server import metric, record_prompts, sse_json
 
 PROMPT = "for i in range(10):\n"  # the tiny random model answers " group group group ..."
-
-
-@pytest.fixture(scope="module")
-def lm(tiny_checkpoint):
-    return load(tiny_checkpoint, dtype="fp32")
-
-
-@pytest.fixture(scope="module")
-def client(lm):
-    with make_client(lm) as c:
-        yield c
 
 
 def test_completion_shape_and_greedy_parity(client, lm):

@@ -3,20 +3,8 @@
 
 import pytest
 
-from starcoder2 import load
 from starcoder2.prompts import fim_prompt, repo_prompt
-from tests.server import make_client, metric, record_prompts
-
-
-@pytest.fixture(scope="module")
-def lm(tiny_checkpoint):
-    return load(tiny_checkpoint, dtype="fp32")
-
-
-@pytest.fixture(scope="module")
-def client(lm):
-    with make_client(lm) as c:
-        yield c
+from tests.server import metric, record_prompts
 
 
 def test_tabby_request_builds_a_repository_prompt_from_segments(client, lm):

@@ -2,21 +2,9 @@
 
 import pytest
 
-from starcoder2 import load
-from tests.server import make_client, record_prompts, sse_json
+from tests.server import record_prompts, sse_json
 
 PROMPT = "for i in range(10):\n"  # the tiny random model answers " group group group ..."
-
-
-@pytest.fixture(scope="module")
-def lm(tiny_checkpoint):
-    return load(tiny_checkpoint, dtype="fp32")
-
-
-@pytest.fixture(scope="module")
-def client(lm):
-    with make_client(lm) as c:
-        yield c
 
 
 def test_generate_is_greedy_by_default_and_matches_loaded_model(client, lm):
