@@ -17,14 +17,8 @@ from starcoder2.data.ingest import read_sources  # noqa: E402
 from starcoder2.data.pipeline import DataConfig, prepare  # noqa: E402
 from starcoder2.data.scaleout import STEPS, prepare_distributed, source_units  # noqa: E402
 from starcoder2.tokenizer import Tokenizer  # noqa: E402
+from tests.data.test_pipeline import BENCH_SOLUTION, GPL, MIT  # noqa: E402  (the same licence fixtures)
 
-MIT = ("MIT License\n\nCopyright (c) 2024 Someone\n\nPermission is hereby granted, free of charge, to any person "
-       "obtaining a copy of this software and associated documentation files (the \"Software\"), to deal in the "
-       "Software without restriction.\n")
-GPL = ("GNU GENERAL PUBLIC LICENSE\nVersion 3, 29 June 2007\n\nThis program is free software: you can redistribute it "
-       "and/or modify it under the terms of the GNU General Public License as published by the Free Software "
-       "Foundation, either version 3 of the License, or (at your option) any later version.\n")
-BENCH_SOLUTION = "def is_palindrome_number(value):\n    return str(value) == str(value)[::-1]\n"
 DATATROVE_ENV = ("DATATROVE_NODE_RANK", "DATATROVE_EXECUTOR", "DATATROVE_NODE_IPS", "DATATROVE_CPUS_PER_TASK",
                  "DATATROVE_MEM_PER_CPU", "DATATROVE_GPUS_ON_NODE")
 
