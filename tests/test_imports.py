@@ -5,8 +5,8 @@ from pathlib import Path
 
 PKG = Path(__file__).resolve().parents[1] / "starcoder2"
 LAYER = {"config": 0, "device": 0, "kernels": 1, "model": 1, "kv_cache": 1, "tokenizer": 1, "prompts": 2, "checkpoint": 2,
-         "infer": 2, "data": 2, "train": 3, "api": 3, "server": 4, "bench": 4, "eval": 4, "cli": 4,
-         "__init__": 5}
+         "infer": 2, "data": 2, "chat": 2, "adapters": 2, "train": 3, "api": 3, "repo": 3, "gguf_export": 3,
+         "server": 4, "bench": 4, "eval": 4, "finetune": 4, "cli": 4, "__init__": 5}
 
 
 def _module_layer(path: Path) -> tuple[str, int]:
