@@ -4,8 +4,15 @@ The Engine decodes on its own thread and reports through callbacks. `Generation`
 engine callback hands its `Event` to the event loop with `loop.call_soon_threadsafe`, where the
 bookkeeping (metrics, in-flight count, per-choice text) happens and the event is put on one
 `asyncio.Queue` per HTTP request. Routes iterate `Generation.events()`. Every way of leaving early
-(client disconnect, an exception, the deadline, a route's own stop rule) ends in `Engine.cancel`,
-which frees the engine row at once or at the end of the running decode step.
+(client disconnect, an exception, the deadline, a route's own stop rule, a newer request from the
+same client) ends in `Engine.cancel`, which frees the engine row at once or at the end of the
+running decode step.
+
+Superseding (opt-in): a request carrying an `X-Client-Id` header cancels the unfinished request
+that came earlier with the same id, on any endpoint. Editors send one per keystroke; only the
+newest is worth computing. The older one ends with `Superseded` (409 in its API family's error
+shape, or an in-band error event when it streams). The id is a header, not OpenAI's `user` field,
+so that clients that send `user` for attribution never have requests cancelled without asking.
 """
 
 from __future__ import annotations
@@ -26,9 +33,12 @@ from ..infer.engine import Engine, Event, Request
 from ..infer.generate import SamplingParams
 from ..prompts import default_stop_ids
 from .metrics import Metrics
+from .repo_context import RepoContext
 
 log = logging.getLogger("starcoder2.server")
 
+CLIENT_ID_HEADER = "x-client-id"
+MAX_CLIENT_ID = 256  # characters; a longer X-Client-Id is a 400
 MIN_TEMPERATURE = 1e-4  # below this, sampling is greedy (logits / t would overflow for t -> 0)
 CANCEL_GRACE_S = 10.0  # how long a timed-out generation may take to acknowledge its cancellation
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -49,6 +59,8 @@ class ServerSettings:
     request_timeout_s: float = 300.0  # a generation still running then is stopped (finish "length")
     cors_origins: list[str] = field(default_factory=list)  # e.g. ["*"]; empty: no CORS headers
     retry_after_s: int = 1  # Retry-After of a 429
+    repo: str | None = None  # a repository to retrieve context from (/infill, Tabby): repo_context.py
+    repo_refresh_s: float = 2.0  # how often that repository's index is brought up to date
 
     def __post_init__(self) -> None:
         for name in ("max_batch", "max_body_bytes"):
@@ -60,6 +72,8 @@ class ServerSettings:
             raise ValueError(f"request_timeout_s must be > 0, got {self.request_timeout_s}")
         if self.api_key is not None and not self.api_key:
             raise ValueError("the API key is empty")
+        if self.repo_refresh_s <= 0:
+            raise ValueError(f"repo_refresh_s must be > 0, got {self.repo_refresh_s}")
 
 
 class APIError(Exception):
@@ -70,6 +84,14 @@ class APIError(Exception):
                  headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.headers = status, message, param, code, headers
+
+
+class Superseded(APIError):
+    """A newer request with the same X-Client-Id replaced this one (answered 409)."""
+
+    def __init__(self, client_id: str):
+        super().__init__(409, f"superseded by a newer request with the same X-Client-Id ({client_id!r})",
+                         code="superseded")
 
 
 class EngineFailure(APIError):
@@ -94,6 +116,8 @@ class ServerState:
         self.created = int(time.time())
         self.in_flight = 0  # engine requests submitted and not finished
         self.live: set[Generation] = set()
+        self.clients: dict[str, Generation] = {}  # X-Client-Id -> its newest unfinished Generation
+        self.repo = RepoContext(settings.repo, settings.repo_refresh_s) if settings.repo else None
 
     @property
     def context(self) -> int:
@@ -128,10 +152,12 @@ class ServerState:
             raise APIError(400, str(e)) from None
 
     def shutdown(self) -> None:
-        """Cancel what is still running and stop the engine thread."""
+        """Cancel what is still running and stop the engine thread (and the repository refresh)."""
         for gen in list(self.live):
             gen.cancel()
         self.engine.stop()
+        if self.repo is not None:
+            self.repo.close()
 
 
 @dataclass
@@ -142,16 +168,19 @@ class Choice:
     request: Request
     text: str = ""  # text returned by the engine so far
     tokens: int = 0  # token events delivered so far
-    reason: str | None = None  # "eos" (a stop id), "stop" (a stop string), "length", "limit", "cancelled", "error"
+    reason: str | None = None  # "eos" (a stop id), "stop" (a stop string), "length", "limit", "cancelled",
+    # "superseded", "error", or a route's own cancel reason
     error: str | None = None  # with reason "error"
     cancel_reason: str | None = None  # why the server cancelled it (shown instead of "cancelled")
 
 
 class Generation:
-    """The engine requests of one HTTP request, seen from asyncio."""
+    """The engine requests of one HTTP request, seen from asyncio. Pass the HTTP request to take part
+    in superseding (its X-Client-Id header, if any)."""
 
-    def __init__(self, state: ServerState):
+    def __init__(self, state: ServerState, http: HTTPRequest | None = None):
         self.state = state
+        self.client_id = _client_id(http)
         self.loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
         self.choices: list[Choice] = []
@@ -159,13 +188,20 @@ class Generation:
         self.deadline = time.monotonic() + state.settings.request_timeout_s
 
     def reserve(self, n: int) -> None:
-        """429 when n more engine requests would overflow the engine's rows plus the queue."""
+        """Supersede this client's older request, then 429 when n more engine requests would overflow
+        the engine's rows plus the queue (the superseded request's rows count as free)."""
         s = self.state.settings
         capacity = s.max_batch + s.max_queue
         if n > capacity:
             raise APIError(400, f"this request needs {n} generations; the server runs at most {capacity} at once",
                            param="n")
-        if self.state.in_flight + n > capacity:
+        older = self.state.clients.get(self.client_id) if self.client_id else None
+        freed = 0
+        if older is not None and older is not self and older.open:
+            freed = older.open  # their final events arrive on a later loop turn
+            older.cancel(reason="superseded")
+            self.state.metrics.superseded += 1
+        if self.state.in_flight - freed + n > capacity:
             raise APIError(429, "the server is overloaded; retry later", code="rate_limit_exceeded",
                            headers={"Retry-After": str(s.retry_after_s)})
 
@@ -191,6 +227,8 @@ class Generation:
         self.open += 1
         self.state.in_flight += 1
         self.state.live.add(self)
+        if self.client_id:
+            self.state.clients[self.client_id] = self
         return choice
 
     def cancel(self, index: int | None = None, reason: str | None = None) -> None:
@@ -221,6 +259,8 @@ class Generation:
             self.state.in_flight -= 1
             if not self.open:
                 self.state.live.discard(self)
+                if self.client_id and self.state.clients.get(self.client_id) is self:
+                    del self.state.clients[self.client_id]
             m.generations[c.reason] += 1
             m.prompt_tokens += len(req.prompt)
             m.cached_tokens += req.cached_tokens
@@ -251,6 +291,8 @@ class Generation:
                     seen += 1
                     if self.choices[index].reason == "error":
                         raise EngineFailure(self.choices[index].error or "")
+                    if self.choices[index].reason == "superseded":
+                        raise Superseded(self.client_id or "")
                 yield index, ev
         finally:
             self.cancel()
@@ -283,6 +325,14 @@ class ClientGone(Exception):
     """The HTTP client disconnected before the answer was ready; nobody reads the response."""
 
 
+def _client_id(http: HTTPRequest | None) -> str | None:
+    """The X-Client-Id header (None when absent or empty)."""
+    value = http.headers.get(CLIENT_ID_HEADER, "").strip() if http is not None else ""
+    if len(value) > MAX_CLIENT_ID:
+        raise APIError(400, f"X-Client-Id is longer than {MAX_CLIENT_ID} characters", param=CLIENT_ID_HEADER)
+    return value or None
+
+
 async def _disconnected(http: HTTPRequest) -> None:
     """Returns when the client disconnects (the body has been read, so the next message is that)."""
     while (await http.receive())["type"] != "http.disconnect":
@@ -313,6 +363,11 @@ def stream_error(e: Exception) -> str:
     if not isinstance(e, APIError):
         log.exception("stream failed")
     return e.message if isinstance(e, APIError) else f"internal error: {type(e).__name__}"
+
+
+def error_status(e: Exception) -> int:
+    """The HTTP status an error raised after a stream's status line would have had."""
+    return e.status if isinstance(e, APIError) else 500
 
 
 def seed_of(seed: int | None, offset: int = 0) -> int | None:

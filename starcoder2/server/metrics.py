@@ -4,7 +4,9 @@ and histograms do not need a client library. All updates happen on the event loo
 Exported (prefix `starcoder2_`): HTTP requests by route and status and their latency; generations by
 finish reason; prompt, generated and prefix-cache tokens; time to first token, generation time and
 time per output token; engine queue depth, running rows and in-flight requests; the prefix-cache hit
-rate (cached prompt tokens / prompt tokens since start); Tabby acceptance events.
+rate (cached prompt tokens / prompt tokens since start) and the prefix cache's size in tokens and
+bytes (it grows up to its token budget: memory growth that is not a leak); HTTP requests superseded by a newer one
+from the same X-Client-Id; Tabby acceptance events.
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ class Metrics:
         self.prompt_tokens = 0
         self.generated_tokens = 0
         self.cached_tokens = 0
+        self.superseded = 0  # HTTP requests cancelled by a newer request with the same X-Client-Id
         self.ttft = Histogram(LATENCY_BUCKETS)
         self.generation_time = Histogram(LATENCY_BUCKETS)
         self.time_per_token = Histogram(TOKEN_TIME_BUCKETS)
@@ -61,7 +64,8 @@ class Metrics:
         self.http_requests[(method, route, status)] += 1
         self.http_latency.setdefault(route, Histogram(LATENCY_BUCKETS)).observe(seconds)
 
-    def render(self, *, queue_depth: int, running: int, in_flight: int) -> str:
+    def render(self, *, queue_depth: int, running: int, in_flight: int, prefix_cache_tokens: int = 0,
+               prefix_cache_bytes: int = 0) -> str:
         p = "starcoder2_"
         out: list[str] = []
 
@@ -81,6 +85,8 @@ class Metrics:
             ("prompt_tokens_total", self.prompt_tokens, "Prompt tokens of finished generations."),
             ("generated_tokens_total", self.generated_tokens, "Tokens generated."),
             ("prefix_cache_hit_tokens_total", self.cached_tokens, "Prompt tokens taken from the prefix cache."),
+            ("superseded_requests_total", self.superseded,
+             "Requests cancelled by a newer request with the same X-Client-Id."),
         ):
             family(name, "counter", help_)
             out.append(f"{p}{name} {value}")
@@ -97,6 +103,8 @@ class Metrics:
             ("running_requests", running, "Engine requests being decoded."),
             ("in_flight_requests", in_flight, "Engine requests submitted by the server and not finished."),
             ("prefix_cache_hit_rate", rate, "Cached prompt tokens / prompt tokens, since start."),
+            ("prefix_cache_tokens", prefix_cache_tokens, "Tokens of KV held by the prefix cache."),
+            ("prefix_cache_bytes", prefix_cache_bytes, "Bytes of KV held by the prefix cache."),
         ):
             family(name, "gauge", help_)
             out.append(f"{p}{name} {value}")

@@ -7,16 +7,20 @@ given. Generation always stops on StarCoder2's control tokens; `stop` strings ne
 
 `logprobs`: the log-probability of each generated token under the model (before temperature and
 penalties), with the `logprobs` most likely alternatives; `tokens` lists every generated token, the
-one that completed a stop string included. Not with `echo` (prompt logprobs are not computed).
+one that completed a stop string included. With `echo`, the prompt's tokens come first, the first
+with logprob null, each other scored given the ones before it (one forward pass over the prompt,
+beside the engine; `max_tokens: 0` scores a prompt without generating). Not with `suffix`.
 Choices are indexed `prompt_index * n + sample_index`; sample i of a seeded request uses `seed + i`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator
 
+import torch
 from fastapi import APIRouter
 from pydantic import ValidationError
 from starlette.requests import Request as HTTPRequest
@@ -25,7 +29,7 @@ from .. import __version__
 from ..prompts import fim_prompt
 from ..tokenizer import TokenizerError
 from . import tabby
-from .core import APIError, EventStream, Generation, ServerState, seed_of, sse, stream_error, token_text
+from .core import APIError, EventStream, Generation, ServerState, error_status, seed_of, sse, stream_error, token_text
 from .schemas import MAX_STOP, AnyCompletionRequest, CompletionRequest, GenerateParameters, TabbyCompletionRequest
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's
@@ -99,12 +103,16 @@ async def complete(state: ServerState, body: CompletionRequest, http: HTTPReques
         raise APIError(400, "best_of must equal n: server-side candidates are not supported", param="best_of")
     if body.logit_bias:
         raise APIError(400, "logit_bias is not supported", param="logit_bias")
-    if body.echo and body.logprobs is not None:
-        raise APIError(400, "logprobs with echo is not supported (prompt logprobs are not computed)",
-                       param="logprobs")
+    if body.echo and body.logprobs is not None and body.suffix is not None:
+        raise APIError(400, "echo with logprobs scores a plain prompt: not with suffix", param="suffix")
     sampling = _sampling(state, body)
     prompts = _prompts(state, body)
-    gen = Generation(state)
+    echoed: list[dict | None] = [None] * len(prompts)  # the prompt part of each prompt's logprobs
+    if body.echo and body.logprobs is not None:
+        for k, (_, ids) in enumerate(prompts):
+            lps, tops = await asyncio.to_thread(prompt_logprobs, state.lm.model, ids, body.logprobs)
+            echoed[k] = _logprobs_object(state, ids, lps, tops, 0)
+    gen = Generation(state, http)
     gen.reserve(len(prompts) * body.n)
     for _, ids in prompts:
         for s in range(body.n):
@@ -112,13 +120,15 @@ async def complete(state: ServerState, body: CompletionRequest, http: HTTPReques
     base = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
             "model": body.model or state.model_name}
     if body.stream:
-        return EventStream(_stream(state, body, gen, prompts, base), gen)
+        return EventStream(_stream(state, body, gen, prompts, base, echoed), gen)
 
     await gen.drain(http)
     choices = []
     for c in gen.choices:
         echo = prompts[c.index // body.n][0] if body.echo else ""
         lp = None if body.logprobs is None else _logprobs(state, c.request, 0, len(c.request.output), len(echo))
+        if lp is not None and echoed[c.index // body.n] is not None:
+            lp = {key: echoed[c.index // body.n][key] + lp[key] for key in lp}
         choices.append({"text": echo + c.text, "index": c.index, "logprobs": lp, "finish_reason": FINISH[c.reason]})
     return {**base, "system_fingerprint": f"starcoder2-{__version__}", "choices": choices,
             "usage": _usage(gen, prompts)}
@@ -133,22 +143,56 @@ def _usage(gen: Generation, prompts: list[tuple[str, list[int]]]) -> dict:
 
 def _logprobs(state: ServerState, req, start: int, stop: int, offset: int) -> dict:
     """OpenAI's logprobs object for generated tokens start..stop-1; text offsets begin at `offset`."""
-    texts = [token_text(state, t) for t in req.output[start:stop]]
-    tops = []
-    for k in range(start, stop):
-        top = {token_text(state, t): lp for t, lp in (req.top_logprobs[k] if req.top_logprobs else [])}
-        top.setdefault(token_text(state, req.output[k]), req.token_logprobs[k])
-        tops.append(top)
+    tops = req.top_logprobs[start:stop] if req.top_logprobs else [[] for _ in range(start, stop)]
+    return _logprobs_object(state, req.output[start:stop], req.token_logprobs[start:stop], tops, offset)
+
+
+def _logprobs_object(state: ServerState, ids: list[int], lps: list[float | None],
+                     tops: list[list[tuple[int, float]] | None], offset: int) -> dict:
+    """{tokens, token_logprobs, top_logprobs, text_offset}; a token without a logprob (the first of
+    an echoed prompt) has null for both."""
+    texts = [token_text(state, t) for t in ids]
+    top_maps: list[dict | None] = []
+    for t, lp, top in zip(ids, lps, tops):
+        if lp is None:
+            top_maps.append(None)
+            continue
+        m = {token_text(state, i): v for i, v in top}
+        m.setdefault(token_text(state, t), lp)
+        top_maps.append(m)
     offsets = []
     for t in texts:
         offsets.append(offset)
         offset += len(t)
-    return {"tokens": texts, "token_logprobs": req.token_logprobs[start:stop], "top_logprobs": tops,
-            "text_offset": offsets}
+    return {"tokens": texts, "token_logprobs": list(lps), "top_logprobs": top_maps, "text_offset": offsets}
 
 
-async def _stream(state: ServerState, body: CompletionRequest, gen: Generation, prompts, base: dict
-                  ) -> AsyncIterator[str]:
+PROMPT_CHUNK = 256  # prompt positions per lm_head + log_softmax call: bounds the (chunk, V) fp32 buffer
+
+
+@torch.inference_mode()
+def prompt_logprobs(model, ids: list[int], k: int) -> tuple[list[float | None], list[list[tuple[int, float]] | None]]:
+    """Log-probability of each prompt token given the tokens before it (None for the first) and
+    the k most likely tokens at each position, from one causal forward pass without a KV cache
+    (pure: safe beside the engine thread, which only reads the same weights)."""
+    device = next(model.parameters()).device
+    h = model.hidden_states(torch.tensor([ids], device=device))[0]  # (T, C)
+    nxt = torch.tensor(ids[1:], device=device)  # (T-1,): position t predicts token t+1
+    lps: list[float | None] = [None]
+    tops: list[list[tuple[int, float]] | None] = [None]
+    for s in range(0, len(ids) - 1, PROMPT_CHUNK):
+        lp = model.logits(h[s:s + PROMPT_CHUNK][: len(ids) - 1 - s]).log_softmax(-1)  # (t, V) fp32
+        lps += lp.gather(-1, nxt[s:s + PROMPT_CHUNK, None])[:, 0].tolist()
+        if k:
+            top = lp.topk(min(k, lp.shape[-1]), dim=-1)  # (t, k)
+            tops += [list(zip(i, v)) for i, v in zip(top.indices.tolist(), top.values.tolist())]
+        else:
+            tops += [[] for _ in range(lp.shape[0])]
+    return lps, tops
+
+
+async def _stream(state: ServerState, body: CompletionRequest, gen: Generation, prompts, base: dict,
+                  echoed: list[dict | None]) -> AsyncIterator[str]:
     def chunk(index: int, text: str, finish: str | None = None, logprobs: dict | None = None) -> str:
         return sse({**base, "choices": [{"text": text, "index": index, "logprobs": logprobs, "finish_reason": finish}]})
 
@@ -157,7 +201,7 @@ async def _stream(state: ServerState, body: CompletionRequest, gen: Generation, 
     if body.echo:
         for c in gen.choices:
             offsets[c.index] = len(prompts[c.index // body.n][0])
-            yield chunk(c.index, prompts[c.index // body.n][0])
+            yield chunk(c.index, prompts[c.index // body.n][0], logprobs=echoed[c.index // body.n])
     try:
         async for i, ev in gen.events():
             if ev.finished:
@@ -171,8 +215,9 @@ async def _stream(state: ServerState, body: CompletionRequest, gen: Generation, 
             if ev.text or lp is not None:
                 yield chunk(i, ev.text, logprobs=lp)
     except Exception as e:  # the status line is gone: report in-band, then end the stream
-        yield sse({"error": {"message": stream_error(e), "type": "server_error",
-                             "param": None, "code": None}})
+        status = error_status(e)
+        yield sse({"error": {"message": stream_error(e), "param": None, "code": getattr(e, "code", None),
+                             "type": "invalid_request_error" if status < 500 else "server_error"}})
         return
     if body.stream_options is not None and body.stream_options.include_usage:
         yield sse({**base, "choices": [], "usage": _usage(gen, prompts)})

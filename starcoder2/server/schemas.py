@@ -144,7 +144,7 @@ class GenerateParameters(_Body):
 class GenerateRequest(_Body):
     """TGI `POST /generate`, `/generate_stream` and `/` (the last one reads `stream`)."""
 
-    inputs: str
+    inputs: str = Field(min_length=1)  # TGI's rule: empty inputs are a validation error
     parameters: GenerateParameters = Field(default_factory=GenerateParameters)
     stream: bool = False
 
@@ -194,6 +194,8 @@ class InfillRequest(LlamaCompletionRequest):
 
 class TokenizeRequest(_Body):
     """llama.cpp's `{"content"}` (answer `{"tokens"}`) or TGI's `{"inputs"}` (answer a token list)."""
+
+    model_config = ConfigDict(json_schema_extra={"anyOf": [{"required": ["content"]}, {"required": ["inputs"]}]})
 
     content: str | None = None
     inputs: str | None = None

@@ -67,7 +67,8 @@ async def info(request: HTTPRequest) -> dict:
             "router": "starcoder2", "version": __version__, "sha": None, "docker_label": None}
 
 
-def _submit(state: ServerState, body: GenerateRequest, stream: bool) -> tuple[Generation, list[int]]:
+def _submit(state: ServerState, http: HTTPRequest, body: GenerateRequest, stream: bool
+            ) -> tuple[Generation, list[int]]:
     p = body.parameters
     if p.best_of not in (None, 1):
         raise APIError(400, "best_of > 1 is not supported", param="best_of")
@@ -90,7 +91,7 @@ def _submit(state: ServerState, body: GenerateRequest, stream: bool) -> tuple[Ge
                           top_k=(p.top_k or 0) if sampling else 0, top_p=(p.top_p or 1.0) if sampling else 1.0,
                           repetition_penalty=p.repetition_penalty or 1.0, seed=seed_of(p.seed), stop=p.stop)
     want = stream or p.details or p.top_n_tokens
-    gen = Generation(state)
+    gen = Generation(state, http)
     gen.reserve(1)
     gen.submit(ids, params, logprobs=(p.top_n_tokens or 0) if want else None)
     return gen, ids
@@ -98,7 +99,7 @@ def _submit(state: ServerState, body: GenerateRequest, stream: bool) -> tuple[Ge
 
 async def _run(http: HTTPRequest, body: GenerateRequest, stream: bool, as_list: bool):
     state: ServerState = http.app.state.server
-    gen, ids = _submit(state, body, stream)
+    gen, ids = _submit(state, http, body, stream)
     if stream:
         return EventStream(_stream(state, body, gen, ids), gen)
     await gen.drain(http)

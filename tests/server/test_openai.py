@@ -125,7 +125,37 @@ def test_echo_and_logprobs(client, lm):
     # Greedy picks the most likely token: its logprob is the largest of the alternatives.
     for tok, value, top in zip(lp["tokens"], lp["token_logprobs"], lp["top_logprobs"]):
         assert top[tok] == value and value == pytest.approx(max(top.values()))
-    assert post(client, prompt="x", echo=True, logprobs=1).status_code == 400
+    assert post(client, prompt="x", suffix="y", echo=True, logprobs=1).status_code == 400
+
+
+def test_echo_with_logprobs_scores_the_prompt_like_a_float64_forward(client, lm):
+    import copy
+
+    import torch
+
+    prompt = "def f(x):\n    return x"
+    ids = lm.tokenizer.encode(prompt)
+    ref_model = copy.deepcopy(lm.model).double()
+    with torch.no_grad():
+        ref = ref_model(torch.tensor([ids]))[0].log_softmax(-1)  # (T, V) float64
+    want = [ref[t - 1, ids[t]].item() for t in range(1, len(ids))]
+    r = post(client, prompt=prompt, max_tokens=0, echo=True, logprobs=2)
+    assert r.status_code == 200, r.text
+    (choice,) = r.json()["choices"]
+    lp = choice["logprobs"]
+    assert choice["text"] == prompt and "".join(lp["tokens"]) == prompt
+    assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None and lp["text_offset"][0] == 0
+    assert lp["token_logprobs"][1:] == pytest.approx(want, abs=1e-4)
+    best = [v for t in range(1, len(ids)) for v in ref[t - 1].topk(2).values.tolist()]
+    got = [v for top in lp["top_logprobs"][1:] for v in sorted(top.values(), reverse=True)[:2]]
+    assert got == pytest.approx(best, abs=1e-4)
+    # With generation: the prompt part, then the generated tokens; streaming puts it on the echo chunk.
+    r = post(client, prompt=prompt, max_tokens=3, echo=True, logprobs=0)
+    lp = r.json()["choices"][0]["logprobs"]
+    assert len(lp["tokens"]) == len(ids) + 3 and lp["text_offset"][len(ids)] == len(prompt)
+    events = sse_json(post(client, prompt=prompt, max_tokens=2, echo=True, logprobs=1, stream=True).text)
+    assert events[0]["choices"][0]["text"] == prompt
+    assert events[0]["choices"][0]["logprobs"]["token_logprobs"][1:] == pytest.approx(want, abs=1e-4)
 
 
 def test_seeded_sampling_is_reproducible(client):
