@@ -85,6 +85,7 @@ def summarize(results: list[dict], lines: int) -> dict:
         out[f"{tool}_checked"] = len(checked)
         out[f"{tool}_findings"] = len(findings) if checked else None
         out[f"{tool}_per_kloc"] = per_kloc(len(findings)) if checked else None
+        out[f"{tool}_per_program"] = len(findings) / len(checked) if checked else None
         out[f"{tool}_program_rate"] = sum(bool(fs) for fs in checked) / len(checked) if checked else None
         out[f"{tool}_by_rule"] = dict(Counter(f[rule] for f in findings).most_common())
     out["bandit_by_severity"] = dict(Counter(f["severity"] for r in results for f in r.get("bandit") or []))

@@ -24,6 +24,7 @@ import gc
 import importlib
 import math
 import multiprocessing
+import os
 import resource
 import statistics
 import time
@@ -173,6 +174,9 @@ def plot(rows: list[dict], path: str | Path) -> None:
             ax.set_ylim(0, 1)
         ax.set_xticks(range(len(rows)), names, rotation=30, ha="right", fontsize=8)
     fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{path.suffix}")  # atomic; savefig picks the format by suffix
+    fig.savefig(tmp, dpi=100)
+    os.replace(tmp, path)
     plt.close(fig)

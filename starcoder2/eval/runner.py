@@ -15,7 +15,9 @@ one run: resuming with another model or other decoding settings is refused.
 Scoring: pass@k with the unbiased estimator (`passk.aggregate`) for every k <= the samples per
 problem among (1, 10, 100); base and plus tests separately ("plus" = base and extra tests both pass,
 EvalPlus's "base + extra"); FIM exact match; syntax / lint / security / dependency checks
-(`codecheck`) of each solution as a file (prompt + completion). Prompts longer than the model's
+(`codecheck`) of each solution as a file (prompt + completion). With `sanitize`, the solution is
+the code the model meant (`sanitize.sanitize_completion`: markdown and prose cut away, only the entry
+point and what it depends on), it is kept in each record as `solution`, and infilling is refused. Prompts longer than the model's
 context keep their end (FIM: prefix and suffix nearest the hole), and the report counts how many
 were cut.
 """
@@ -23,6 +25,7 @@ were cut.
 from __future__ import annotations
 
 import json
+import os
 import time
 import zlib
 from collections import Counter
@@ -50,6 +53,7 @@ class EvalSettings:
     workers: int | None = None  # sandbox processes (None: the sandbox's default)
     timeout_s: float | None = None  # per base program (None: tasks.BASE_TIMEOUT_S)
     code_checks: bool = True
+    sanitize: bool = False  # judge only the code the model meant (sanitize.py, EvalPlus-style)
 
     def __post_init__(self) -> None:
         if self.n_samples < 1:
@@ -129,6 +133,15 @@ class ResultsFile:
                 f.flush()
 
 
+def write_json(path: str | Path, obj) -> None:
+    """Write a report atomically (temp file + rename): a reader never sees half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
 # ---- judging --------------------------------------------------------------------------------------
 
 
@@ -137,7 +150,7 @@ def judge(task: Task, items: list[tuple[dict, int, str]], settings: EvalSettings
     records = [{"task_id": p["task_id"], "sample": s, "completion": c} for p, s, c in items]
     jobs = []  # (record index, program kind, Program)
     for j, (problem, _, completion) in enumerate(items):
-        for kind, prog in task.programs(problem, completion, settings.timeout_s).items():
+        for kind, prog in task.programs(problem, completion, settings.timeout_s, settings.sanitize).items():
             jobs.append((j, kind, prog))
     for timeout, memory in sorted({(prog.timeout_s, prog.memory_mb or 0) for _, _, prog in jobs}):
         group = [job for job in jobs if (job[2].timeout_s, job[2].memory_mb or 0) == (timeout, memory)]
@@ -156,8 +169,10 @@ def judge(task: Task, items: list[tuple[dict, int, str]], settings: EvalSettings
         em = task.exact_match(problem, completion)
         if em is not None:
             rec["exact_match"] = em
+        if settings.sanitize:
+            rec["solution"] = task.solution(problem, completion, sanitize=True)  # the code that was judged
     if settings.code_checks:  # one ruff and one bandit process per chunk
-        codes = [task.solution(problem, completion) for problem, _, completion in items]
+        codes = [task.solution(problem, completion, settings.sanitize) for problem, _, completion in items]
         for rec, code, checks in zip(records, codes, check_many(codes)):
             rec["checks"] = checks
             rec["lines"] = code.count("\n") + (not code.endswith("\n"))
@@ -249,6 +264,8 @@ def evaluate(task_name: str, *, lm=None, samples: str | Path | None = None, data
     task = get_task(task_name)
     if (lm is None) == (samples is None):
         raise ValueError("evaluate needs either a model or a --samples file")
+    if settings.sanitize and task.infill:
+        raise ValueError(f"--sanitize applies to completion tasks, not to the infilling task {task.name}")
     problems = task.load(data)
     if limit is not None:
         if limit < 1:
@@ -259,6 +276,7 @@ def evaluate(task_name: str, *, lm=None, samples: str | Path | None = None, data
     stats = Counter(truncated_prompts=0, generated_tokens=0)
     run = {"task": task.name, "model": model_name, "samples": str(samples) if samples else None}
     run.update(settings.decoding(task) if lm is not None else {})
+    run.update({"sanitize": True} if settings.sanitize else {})  # absent when off: older results files still resume
     store = ResultsFile(results, run)
 
     if samples is not None:
@@ -296,7 +314,7 @@ def evaluate(task_name: str, *, lm=None, samples: str | Path | None = None, data
     report = score(task, problems, records)
     report.update(task=task.name, model=model_name, samples_file=str(samples) if samples else None,
                   dataset=task.describe_data(data), decoding=run if lm is not None else None,
-                  stop=list(task.stop), results_file=str(results) if results else None,
+                  stop=list(task.stop), sanitize=settings.sanitize, results_file=str(results) if results else None,
                   timeouts={"program_s": settings.timeout_s or tasks.BASE_TIMEOUT_S,
                             **({"differential_program_s": tasks.PLUS_TIMEOUT_S,
                                 "per_input_min_s": tasks.MIN_TIME_LIMIT_S,
@@ -342,6 +360,14 @@ def score(task: Task, problems: list[dict], records: list[dict]) -> dict:
     if task.infill:
         for tid, recs in per_task.items():
             report["per_task"][tid]["exact_match"] = sum(r.get("exact_match", False) for r in recs)
+    for tid, recs in per_task.items():  # code checks per problem: totals over its checked samples
+        checks = [r["checks"] for r in recs if "checks" in r]
+        if checks:
+            report["per_task"][tid]["checks"] = {
+                "syntax_valid": sum(c["syntax_valid"] for c in checks),
+                "ruff": sum(len(c["ruff"] or []) for c in checks),
+                "bandit": sum(len(c["bandit"] or []) for c in checks),
+                "hallucinated_imports": sum(len(c["hallucinated_imports"]) for c in checks)}
     return report
 
 
@@ -361,7 +387,24 @@ def markdown_table(report: dict) -> str:
         rows.append(row)
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
+    if report.get("code_checks"):
+        lines += ["", code_checks_table(report["code_checks"])]
     return "\n".join(lines)
+
+
+def code_checks_table(summary: dict) -> str:
+    """Checks on the generated code (codecheck.summarize): rates per program, findings per 1,000 lines."""
+    def cell(value, spec):
+        return "n/a" if value is None else format(value, spec)
+
+    head = ["programs", "lines", "syntax valid", "ruff /kLOC", "ruff /program", "bandit /kLOC", "bandit /program",
+            "unresolved imports /kLOC", "programs with unresolved imports"]
+    row = [str(summary["programs"]), str(summary["lines"]), cell(summary["syntax_valid_rate"], ".3f"),
+           cell(summary["ruff_per_kloc"], ".1f"), cell(summary.get("ruff_per_program"), ".2f"),
+           cell(summary["bandit_per_kloc"], ".1f"), cell(summary.get("bandit_per_program"), ".2f"),
+           cell(summary["hallucinated_per_kloc"], ".1f"), cell(summary["hallucinated_program_rate"], ".3f")]
+    return "\n".join(["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|",
+                      "| " + " | ".join(row) + " |"])
 
 
 def perplexity_table(result: dict) -> str:

@@ -18,6 +18,8 @@ Prompts, stop sequences and programs follow ../shared/reference/evaluation.md §
 - infill-single-line / -multi-line / -random-span(-light): HumanEval-*Infilling.jsonl.gz; PSM prompt
   from `prompts.fim_prompt`; judged by `prompt + middle + suffix + "\\n" + test + "\\ncheck(entry_point)"`,
   plus exact match of the stripped middle.
+With `sanitize=True` (`eval --sanitize`; completion tasks only) the solution is not `prompt + completion`
+but the code the model meant, EvalPlus-style (`sanitize.sanitize_completion`).
 
 Differential testing, as EvalPlus does it (reference §6.3): the program runs the canonical solution
 (`prompt + canonical_solution`) on every input first, timing each call, then the candidate on the same
@@ -53,6 +55,8 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
+
+from .sanitize import sanitize_completion
 
 HUMANEVAL_STOP = ("\ndef", "\nclass", "\nif", "\nprint", "\n#", "\n@", "\nimport", "\nfrom", "\nassert",
                   "<|endoftext|>", "<file_sep>")
@@ -162,12 +166,16 @@ class Task:
     def prompt(self, problem: dict) -> str:
         return problem["prompt"].strip() + "\n"
 
-    def solution(self, problem: dict, completion: str) -> str:
-        """The candidate's code, as a file (what the code checks read)."""
+    def solution(self, problem: dict, completion: str, sanitize: bool = False) -> str:
+        """The candidate's code, as a file (what the programs run and the code checks read); with
+        `sanitize`, only the code the model meant (`sanitize.sanitize_completion`, EvalPlus-style)."""
+        if sanitize:
+            return sanitize_completion(problem["prompt"], completion, problem["entry_point"])
         return problem["prompt"] + completion
 
-    def programs(self, problem: dict, completion: str, timeout_s: float | None = None) -> dict[str, Program]:
-        return {"base": Program(check_program(self.solution(problem, completion), problem),
+    def programs(self, problem: dict, completion: str, timeout_s: float | None = None,
+                 sanitize: bool = False) -> dict[str, Program]:
+        return {"base": Program(check_program(self.solution(problem, completion, sanitize), problem),
                                 timeout_s or BASE_TIMEOUT_S)}
 
     def exact_match(self, problem: dict, completion: str) -> bool | None:
@@ -181,8 +189,9 @@ class EvalPlusTask(Task):
     dataset: str = "humaneval"  # "humaneval" | "mbpp": which special oracles and input types apply
     has_plus: bool = True
 
-    def programs(self, problem: dict, completion: str, timeout_s: float | None = None) -> dict[str, Program]:
-        code = self.solution(problem, completion)
+    def programs(self, problem: dict, completion: str, timeout_s: float | None = None,
+                 sanitize: bool = False) -> dict[str, Program]:
+        code = self.solution(problem, completion, sanitize)
         if self.dataset == "humaneval":  # base: the original HumanEval `test`, so base == a HumanEval score
             base = Program(check_program(code, problem), timeout_s or BASE_TIMEOUT_S)
         else:  # MBPP+ has no `test`: its base tests are the differential ones on `base_input`
@@ -206,7 +215,9 @@ class InfillTask(Task):
     def fim_parts(self, problem: dict) -> tuple[str, str]:
         return problem["prompt"], problem["suffix"]
 
-    def solution(self, problem: dict, completion: str) -> str:
+    def solution(self, problem: dict, completion: str, sanitize: bool = False) -> str:
+        if sanitize:  # the hole is inside the function: there is no whole answer to cut code out of
+            raise ValueError(f"--sanitize applies to completion tasks, not to the infilling task {self.name}")
         return problem["prompt"] + completion + problem["suffix"]
 
     def exact_match(self, problem: dict, completion: str) -> bool:

@@ -76,7 +76,7 @@ def test_summarize(checked):
     if results[0]["ruff"] is not None:
         assert s["ruff_checked"] == 3 and s["ruff_by_rule"] == {"F401": 1}
         assert s["ruff_findings"] == 1 and s["ruff_per_kloc"] == 100.0
-        assert s["ruff_program_rate"] == pytest.approx(1 / 3)
+        assert s["ruff_program_rate"] == pytest.approx(1 / 3) and s["ruff_per_program"] == pytest.approx(1 / 3)
     # tools missing everywhere: their fields say "not checked", not "zero findings"
     missing = [dict(r, ruff=None, bandit=None) for r in results]
     s = summarize(missing, lines=0)

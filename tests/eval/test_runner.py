@@ -31,11 +31,14 @@ def test_samples_one_right_one_wrong_scores_one_half(capsys, tmp_path, he_file):
     assert code == 0, err
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["pass@1"] == 0.5 and report["pass@k"] == {"pass@1": 0.5} and report["base"]["pass@1"] == 0.5
+    checks = {tid: task.pop("checks") for tid, task in report["per_task"].items()}  # per problem
     assert report["per_task"] == {"Tiny/0": {"n": 1, "base": 1}, "Tiny/1": {"n": 1, "base": 0}}
+    assert checks["Tiny/0"]["syntax_valid"] == 1 and checks["Tiny/0"]["hallucinated_imports"] == 0
     assert report["num_problems"] == 2 and report["status"]["base"] == {"passed": 1, "failed": 1}
-    assert report["dataset"]["sha256"] and report["samples_file"] == str(samples)
-    assert "code_checks" in report
+    assert report["dataset"]["sha256"] and report["samples_file"] == str(samples) and report["sanitize"] is False
+    assert report["code_checks"]["programs"] == 2 and report["code_checks"]["syntax_valid_rate"] == 1.0
     assert "| humaneval | 2 | 1 | tests | 0.5000 |" in out
+    assert "| programs | lines | syntax valid |" in out and "| 2 | 12 | 1.000 |" in out  # the code-checks table
 
 
 def test_samples_with_several_per_task_give_pass_at_k(tmp_path, he_file):
