@@ -51,6 +51,13 @@ def _walk_files(root: Path) -> list[str]:
     return sorted(files)
 
 
+def repository_files(root: Path) -> list[str]:
+    """Repository-relative paths of `root`: git's list (tracked and untracked, not ignored) inside a
+    work tree, else every file outside hidden and cache directories."""
+    files = _git_files(root) if (root / ".git").exists() else None
+    return files if files is not None else _walk_files(root)
+
+
 def _add(repo: Repository, path: str, data: bytes | None, size: int, max_bytes: int, meta: dict) -> None:
     if data is None or size > max_bytes:
         repo.dropped.append((path, "too_large", size))
@@ -78,8 +85,7 @@ def excluded(rel: str, exclude: tuple[str, ...]) -> bool:
 def read_directory(root: Path, max_bytes: int, name: str | None = None, exclude: tuple[str, ...] = ()) -> Repository:
     root = Path(root)
     repo = Repository(name or root.resolve().name)
-    files = _git_files(root) if (root / ".git").exists() else None
-    for rel in files if files is not None else _walk_files(root):
+    for rel in repository_files(root):
         if excluded(rel, exclude):
             continue
         path = root / rel

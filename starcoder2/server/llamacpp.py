@@ -5,7 +5,8 @@
 builds the prompt on the server: without `input_extra`, PSM `<fim_prefix>{input_prefix}{prompt}
 <fim_suffix>{input_suffix}<fim_middle>`; with it, StarCoder2's repository format
 `<file_sep>{filename}\\n{text}...<file_sep><fim_prefix>{input_prefix}{prompt}<fim_suffix>...`, chunks
-first so the prefix cache keeps them between keystrokes. These fields are plain text. A prompt too
+first so the prefix cache keeps them between keystrokes (with `serve --repo`, retrieved snippets and the
+definitions of imported names join them: repo_context.py). These fields are plain text. A prompt too
 long for the context is cut (chunks first, then prefix from the left, suffix from the right) and
 reported with `truncated: true`.
 
@@ -30,7 +31,19 @@ from starlette.requests import Request as HTTPRequest
 
 from ..prompts import fim_prompt, repo_prompt
 from ..tokenizer import TokenizerError
-from .core import APIError, Choice, EventStream, Generation, ServerState, seed_of, sse, stream_error, token_text
+from .core import (
+    APIError,
+    Choice,
+    EventStream,
+    Generation,
+    ServerState,
+    error_status,
+    seed_of,
+    sse,
+    stream_error,
+    token_text,
+)
+from .repo_context import client_snippet
 from .schemas import InfillRequest, LlamaCompletionRequest
 
 STOP_TYPE = {"eos": "eos", "stop": "word", "length": "limit", "limit": "limit", "indent": "limit",
@@ -65,6 +78,15 @@ async def infill(body: InfillRequest, request: HTTPRequest):
     files = [(c.filename, c.text) for c in body.input_extra]
     reserve = body.n_predict if body.n_predict >= 0 else min(RESERVE_UNLIMITED, state.context // 4)
     budget = state.context - max(1, reserve)
+    if state.repo is not None:  # `serve --repo`: retrieved context joins the client's chunks
+        try:
+            assembled = await state.repo.aprompt(tok, path=None, prefix=prefix, suffix=body.input_suffix,
+                                                 budget=budget, snippets=[client_snippet(*f) for f in files])
+        except TokenizerError as e:
+            raise APIError(501, f"infill is not supported by this model: {e}") from None
+        except ValueError as e:
+            raise APIError(400, str(e), param="n_predict") from None
+        return await _run(state, request, body, assembled.ids, assembled.truncated)
 
     def render(max_tokens: int | None) -> list[int]:
         if files:
@@ -167,7 +189,7 @@ class Shaper:
 
 
 async def _run(state: ServerState, http: HTTPRequest, body: LlamaCompletionRequest, ids: list[int], truncated: bool):
-    gen = Generation(state)
+    gen = Generation(state, http)
     gen.reserve(1)
     gen.submit(ids, state.params(**_sampling(state, body, len(ids))), logprobs=body.n_probs or None)
     shaper = Shaper(body, gen)
@@ -251,5 +273,7 @@ async def _stream(state: ServerState, body: LlamaCompletionRequest, gen: Generat
                 event["completion_probabilities"] = [_probs(state, c.request, k - 1)]
             yield sse(event)
     except Exception as e:  # the status line is gone: report in-band
-        yield sse({"error": {"code": 500, "message": stream_error(e), "type": "server_error"},
+        status = error_status(e)
+        yield sse({"error": {"code": status, "message": stream_error(e),
+                             "type": "invalid_request_error" if status < 500 else "server_error"},
                    "content": "", "stop": True})

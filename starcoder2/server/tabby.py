@@ -8,7 +8,8 @@ the current file as a FIM segment with its path; `git_url` names the repository.
 a file path it is the plain PSM prompt. Segment texts are user text: special-token text in them
 stays text. Long prompts are cut to fit (context files first, then prefix from the left, suffix from
 the right). Stop: StarCoder2's control tokens and "\\n\\n" (Tabby's language-agnostic stop word).
-Not supported: `mode: "next_edit_suggestion"`, retrieval (the client's snippets are used as sent).
+With `serve --repo`, snippets retrieved from that repository and the definitions of the names the
+file imports join the client's (repo_context.py). Not supported: `mode: "next_edit_suggestion"`.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from starlette.responses import Response
 from ..prompts import fim_prompt, repo_prompt
 from ..tokenizer import TokenizerError
 from .core import APIError, Generation, ServerState, seed_of
+from .repo_context import client_snippet
 from .schemas import TabbyCompletionRequest, TabbyEvent
 
 MAX_DECODING_TOKENS = 64  # Tabby's default
@@ -56,12 +58,29 @@ def build_prompt(state: ServerState, body: TabbyCompletionRequest) -> list[int]:
         raise APIError(400, str(e), param="segments") from None
 
 
+async def retrieval_prompt(state: ServerState, body: TabbyCompletionRequest) -> list[int]:
+    """`serve --repo`: the client's declarations and snippets, with retrieval from the served
+    repository, through the repository assembler (native format)."""
+    seg = body.segments
+    sent = [*(seg.relevant_snippets_from_changed_files or []),
+            *(seg.relevant_snippets_from_recently_opened_files or [])]
+    try:
+        assembled = await state.repo.aprompt(
+            state.tokenizer, path=seg.filepath, prefix=seg.prefix, suffix=seg.suffix or "",
+            budget=state.context - MAX_DECODING_TOKENS, snippets=[client_snippet(s.filepath, s.body) for s in sent],
+            declarations=[client_snippet(s.filepath, s.body) for s in seg.declarations or []])
+    except (TokenizerError, ValueError) as e:
+        raise APIError(400, str(e), param="segments") from None
+    return assembled.ids
+
+
 async def complete(state: ServerState, body: TabbyCompletionRequest, http: HTTPRequest) -> dict:
     if body.mode not in (None, "standard"):
         raise APIError(400, f"mode {body.mode!r} is not supported (only \"standard\")", param="mode")
-    ids = build_prompt(state, body)
+    raw = body.debug_options is not None and body.debug_options.raw_prompt is not None
+    ids = await retrieval_prompt(state, body) if state.repo is not None and not raw else build_prompt(state, body)
     temperature = DEFAULT_TEMPERATURE if body.temperature is None else body.temperature
-    gen = Generation(state)
+    gen = Generation(state, http)
     gen.reserve(1)
     gen.submit(ids, state.params(max_new_tokens=MAX_DECODING_TOKENS, temperature=temperature,
                                  seed=seed_of(body.seed), stop=STOP))
@@ -80,7 +99,7 @@ async def complete(state: ServerState, body: TabbyCompletionRequest, http: HTTPR
     return out
 
 
-@router.post("/v1/events")
+@router.post("/v1/events", response_class=Response, responses={200: {"description": "Recorded (empty body)"}})
 async def events(body: TabbyEvent, request: HTTPRequest, select_kind: str | None = None) -> Response:
     """Tabby's acceptance telemetry: counted in /metrics by type, otherwise dropped."""
     state: ServerState = request.app.state.server
