@@ -105,6 +105,17 @@ class Block(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
+def segment_positions(segment_ids: torch.Tensor) -> torch.Tensor:
+    """(B, T) segment ids -> (B, T) positions that restart at 0 where the id changes.
+
+    1 1 1 2 2 0 0 -> 0 1 2 0 1 0 1: each packed example sees the positions it would see alone."""
+    T = segment_ids.shape[1]
+    idx = torch.arange(T, device=segment_ids.device).expand_as(segment_ids)  # (B, T)
+    starts = torch.ones_like(segment_ids, dtype=torch.bool)
+    starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]  # first token of each run
+    return idx - torch.where(starts, idx, 0).cummax(dim=1).values  # index minus its run's first index
+
+
 class StarCoder2(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -145,15 +156,22 @@ class StarCoder2(nn.Module):
         return mask & (k > q - W) if W is not None else mask
 
     def hidden_states(self, input_ids: torch.Tensor, input_pos: torch.Tensor | None = None,
-                      kv_cache: KVCache | None = None, cache_rows: torch.Tensor | None = None) -> torch.Tensor:
+                      kv_cache: KVCache | None = None, cache_rows: torch.Tensor | None = None,
+                      segment_ids: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids: (B, T) -> final normalised hidden states (B, T, C).
 
         input_pos: (B, T) or (T,) absolute positions (default 0..T-1). With `kv_cache`, the new
-        tokens are appended to the cache rows `cache_rows` (default: rows 0..B-1)."""
+        tokens are appended to the cache rows `cache_rows` (default: rows 0..B-1).
+        segment_ids: (B, T) ints for rows that pack several examples (training, no cache); each
+        example is a contiguous run of one id. A token attends only to earlier tokens of its own
+        run (block-diagonal causal mask, window included), and positions restart at 0 per run
+        unless `input_pos` is given, so every example computes what it would alone."""
         B, T = input_ids.shape
-        default_pos = input_pos is None
-        if default_pos:
-            input_pos = torch.arange(T, device=input_ids.device)
+        if segment_ids is not None and kv_cache is not None:
+            raise ValueError("segment_ids are for training on packed rows, not with a KV cache")
+        default_pos = input_pos is None and segment_ids is None
+        if input_pos is None:
+            input_pos = torch.arange(T, device=input_ids.device) if segment_ids is None else segment_positions(segment_ids)
         if input_pos.dim() == 1:
             input_pos = input_pos[None].expand(B, T)
         x = self.embed_tokens(input_ids)  # (B, T, C)
@@ -164,6 +182,9 @@ class StarCoder2(nn.Module):
             plan = kv_cache.plan(input_pos, cache_rows)
         else:
             mask = self._mask(input_pos, default_pos)
+            if segment_ids is not None:  # (B, 1, T, T): same run only; runs are contiguous, so the
+                # position-based causal and window tests of _mask hold inside each run
+                mask = mask & (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
         for i, block in enumerate(self.layers):
             x = block(x, cos, sin, mask, kv_cache, plan, i)
         if kv_cache is not None:
@@ -175,6 +196,7 @@ class StarCoder2(nn.Module):
         return self.lm_head(h).float()
 
     def forward(self, input_ids: torch.Tensor, input_pos: torch.Tensor | None = None,
-                kv_cache: KVCache | None = None, cache_rows: torch.Tensor | None = None) -> torch.Tensor:
-        """input_ids: (B, T) LongTensor -> logits (B, T, V) in fp32."""
-        return self.logits(self.hidden_states(input_ids, input_pos, kv_cache, cache_rows))
+                kv_cache: KVCache | None = None, cache_rows: torch.Tensor | None = None,
+                segment_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids: (B, T) LongTensor -> logits (B, T, V) in fp32 (segment_ids: see hidden_states)."""
+        return self.logits(self.hidden_states(input_ids, input_pos, kv_cache, cache_rows, segment_ids))

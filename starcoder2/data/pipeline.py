@@ -47,6 +47,7 @@ class DataConfig:
     metadata_rate: float = 0.5  # repository documents with `<repo_name>` and file paths (reference §3.10)
     max_document_chars: int | None = None  # cut larger repositories into several documents (None: never)
     holdout: float = 0.0  # fraction of files (by a hash of repo and path) written to the "valid" split
+    valid_paths: tuple[str, ...] = ()  # repository-relative paths also written to it (finetune: eval repo's)
     shard_tokens: int = 1 << 27  # tokens per shard file
     workers: int = 0  # processes for per-file stages; 0: every core
 
@@ -244,6 +245,8 @@ def stage_clean(docs: list[Document], config: DataConfig, workers: int, progress
 
 
 def is_holdout(doc: Document, config: DataConfig) -> bool:
+    if doc.path in config.valid_paths:
+        return True
     h = zlib.crc32(f"{config.seed}:{doc.repo}:{doc.path}".encode()) / 2**32
     return h < config.holdout
 

@@ -4,6 +4,7 @@ Per optimiser step: `grad_accum` micro-batches of (B, S) under autocast, mean lo
 AdamW, schedule. Every `eval_every` steps: held-out loss and bits per byte on the "valid" split
 (FIM off, fixed windows). Every `save_every` steps and at the end: an atomic checkpoint (state.py).
 Metrics go to OUT/metrics.jsonl (one JSON object per line) and to a progress bar.
+Fine-tuning reuses this loop through `TrainHooks` (its own model, token source and export).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import json
 import math
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -46,8 +48,11 @@ def flops_per_token(model: StarCoder2, seq_len: int) -> float:
     return 6 * matmul + 12 * cfg.num_layers * cfg.num_heads * cfg.head_dim * keys
 
 
-def loss_fn(model, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    logits = model(input_ids)  # (B, S, V) fp32
+def loss_fn(model, input_ids: torch.Tensor, labels: torch.Tensor, segment_ids: torch.Tensor | None = None
+            ) -> torch.Tensor:
+    """Mean next-token loss over labels != IGNORE_INDEX. segment_ids (B, S): packed examples that
+    must not attend to each other (instruction tuning); None: plain causal rows."""
+    logits = model(input_ids) if segment_ids is None else model(input_ids, segment_ids=segment_ids)  # (B, S, V) fp32
     return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)
 
 
@@ -56,9 +61,9 @@ def evaluate(model, batches: list[tuple[torch.Tensor, torch.Tensor]], nbytes: in
     """Held-out loss (nats/token) and bits per byte of text over fixed batches."""
     model.eval()
     total, count = 0.0, 0
-    for x, y in batches:
+    for x, y, *seg in batches:  # seg: [segment_ids] for packed instruction rows, else empty
         with autocast():
-            logits = model(x.to(device))
+            logits = model(x.to(device)) if not seg else model(x.to(device), segment_ids=seg[0].to(device))
         y = y.to(device)
         total += F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=IGNORE_INDEX, reduction="sum").item()
         count += int((y != IGNORE_INDEX).sum())
@@ -82,17 +87,45 @@ def _eval_batches(config: TrainConfig, tok: Tokenizer, d: Dist) -> tuple[list, i
     return batches, nbytes
 
 
+def packed_data(config: TrainConfig, tok: Tokenizer, d: Dist) -> tuple[BatchLoader, list, int]:
+    """The default token source: packed (FIM'd) windows of DATA's train split for this rank, and
+    fixed held-out batches (with their text's byte count) from its valid split."""
+    loader = BatchLoader(PackedWindows(open_shards(config.data, "train"), config.seq_len), config.batch_size,
+                         seed=config.seed, tokenizer=tok, fim=config.fim, rank=d.rank, world_size=d.world_size)
+    return loader, *_eval_batches(config, tok, d)
+
+
+@dataclass
+class TrainHooks:
+    """What a caller (fine-tuning) replaces without copying the loop; None keeps the default.
+
+    build_model(config, tok, device) -> the module to train (its parameters with requires_grad train)
+    data(config, tok, dist) -> (loader with next_batch/state_dict/load_state_dict/batches_per_epoch,
+                                eval batches, their byte count); batches are (input_ids, labels) or
+                                (input_ids, labels, segment_ids) for packed examples (finetune/sft.py)
+    export(model, tok, out) -> what the run leaves in OUT (default: a HF checkpoint in OUT/final);
+                                called on rank 0 only, with the unwrapped module (DDP; not FSDP)
+    trainable_only: checkpoints hold only the parameters that train (LoRA: the adapters, not the base)
+    """
+
+    build_model: Callable[[TrainConfig, Tokenizer, torch.device], torch.nn.Module] | None = None
+    data: Callable[[TrainConfig, Tokenizer, Dist], tuple] | None = None
+    export: Callable[[torch.nn.Module, Tokenizer, Path], Path] | None = None
+    trainable_only: bool = False
+
+
 def build_model(config: TrainConfig, tok: Tokenizer, device: torch.device) -> StarCoder2:
     if config.init_from:
-        return load_model(config.init_from, dtype=torch.float32, device=device)
+        return load_model(config.init_from, dtype=torch.float32, device=device)[0]  # fp32 master weights
     model = StarCoder2(config.model_cfg(tok.vocab_size))
     model.init_weights(torch.Generator().manual_seed(config.seed))
     return model.to(device)
 
 
 def train(config: TrainConfig, *, resume: bool = False, device: str | None = None, progress: bool = True,
-          log: Callable[[str], None] = print) -> dict:
+          log: Callable[[str], None] = print, hooks: TrainHooks | None = None) -> dict:
     """Run (or continue) training; returns the last metrics record."""
+    hooks = hooks or TrainHooks()
     dev = resolve_device(device)
     d = init_distributed(dev.type)
     if d.world_size > 1 and dev.type == "cuda":
@@ -102,13 +135,12 @@ def train(config: TrainConfig, *, resume: bool = False, device: str | None = Non
     torch.manual_seed(config.seed + d.rank)
     out = Path(config.out)
     ckpt_dir = out / "checkpoints"
-    train_shards = open_shards(config.data, "train")  # first: a wrong data dir is named as such
+    open_shards(config.data, "train")  # first: a wrong data dir is named as such
     tok = Tokenizer.from_dir(Path(config.data) / "tokenizer")
 
-    model = build_model(config, tok, dev)
+    model = (hooks.build_model or build_model)(config, tok, dev)
     model.train()
-    loader = BatchLoader(PackedWindows(train_shards, config.seq_len), config.batch_size,
-                         seed=config.seed, tokenizer=tok, fim=config.fim, rank=d.rank, world_size=d.world_size)
+    loader, eval_batches, eval_bytes = (hooks.data or packed_data)(config, tok, d)
     # FSDP2's fully_shard replaces the parameters with sharded ones: the optimizer, and the checkpoint
     # load that fills its state, must come after wrap() or they hold the stale, unsharded tensors.
     runner = wrap(model, d, parallel=config.parallel, compile=config.compile,
@@ -116,7 +148,7 @@ def train(config: TrainConfig, *, resume: bool = False, device: str | None = Non
     optimizer = build_optimizer(model, config.lr, config.weight_decay, config.betas, config.eps)
     step, last = 0, {}
     if resume and (path := latest_checkpoint(ckpt_dir)):
-        saved = load_checkpoint(path, model, optimizer)
+        saved = load_checkpoint(path, model, optimizer, trainable_only=hooks.trainable_only)
         step = saved["step"]
         loader.load_state_dict(saved["loader"])
         if not saved["rng_restored"]:  # saved by another number of processes: a fresh, deterministic stream
@@ -130,7 +162,6 @@ def train(config: TrainConfig, *, resume: bool = False, device: str | None = Non
     def autocast():
         return torch.autocast(dev.type, dtype=dtype) if dtype else contextlib.nullcontext()
 
-    eval_batches, eval_bytes = _eval_batches(config, tok, d)
     tokens_per_step = config.batch_size * config.seq_len * config.grad_accum * d.world_size
     fpt = flops_per_token(model, config.seq_len)
     peak = config.peak_flops or KNOWN_PEAK_FLOPS.get(
@@ -141,7 +172,9 @@ def train(config: TrainConfig, *, resume: bool = False, device: str | None = Non
         out.mkdir(parents=True, exist_ok=True)
         metrics_file = open(out / "metrics.jsonl", "a")
         n_params = sum(p.numel() for p in model.parameters())
-        log(f"model {n_params / 1e6:.1f}M params, {tokens_per_step:,} tokens/step, "
+        n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        trains = f" ({n_train / 1e6:.2f}M trained)" if n_train < n_params else ""
+        log(f"model {n_params / 1e6:.1f}M params{trains}, {tokens_per_step:,} tokens/step, "
             f"{loader.batches_per_epoch:,} batches/epoch/rank, {d.world_size} process(es), device {dev}")
 
     from tqdm import tqdm
@@ -152,7 +185,7 @@ def train(config: TrainConfig, *, resume: bool = False, device: str | None = Non
     def checkpoint(metrics: dict) -> None:
         save_checkpoint(ckpt_dir, step, model, optimizer, state={"loader": loader.state_dict(), "metrics": metrics},
                         train_config=config.to_dict(), model_config=model.config.to_hf(), is_main=d.is_main,
-                        keep=config.keep_checkpoints)
+                        keep=config.keep_checkpoints, trainable_only=hooks.trainable_only)
 
     t_last, tokens_since = time.perf_counter(), 0
     while step < config.max_steps:
@@ -162,11 +195,11 @@ def train(config: TrainConfig, *, resume: bool = False, device: str | None = Non
             group["lr"] = lr
         loss_sum = torch.zeros((), device=dev)
         for micro in range(config.grad_accum):
-            x, y = loader.next_batch()
+            x, y, *seg = loader.next_batch()  # seg: [segment_ids (B, S)] from an instruction-tuning source
             sync = micro == config.grad_accum - 1 or d.world_size == 1 or config.parallel == "fsdp"
             ctx = contextlib.nullcontext() if sync else runner.no_sync()
             with ctx, autocast():
-                loss = loss_fn(runner, x.to(dev), y.to(dev)) / config.grad_accum
+                loss = loss_fn(runner, x.to(dev), y.to(dev), *(t.to(dev) for t in seg)) / config.grad_accum
             with ctx:
                 loss.backward()
             loss_sum += loss.detach()
@@ -200,6 +233,10 @@ def train(config: TrainConfig, *, resume: bool = False, device: str | None = Non
     bar.close()
     if metrics_file:
         metrics_file.close()
+    if hooks.export is not None:
+        if d.is_main:
+            hooks.export(model, tok, out)
+        return last
     if d.world_size > 1:  # FSDP parameters are shards: gather them (a collective) into a plain copy on rank 0
         full = full_model_state(model)
         if d.is_main:

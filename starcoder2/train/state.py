@@ -9,7 +9,9 @@ A step directory is written under a temporary name and renamed when whole; `late
 atomically afterwards, so a crash at any moment leaves the previous checkpoint usable. Files are
 read back with safetensors and `torch.load(weights_only=True)`: nothing is unpickled.
 Full (unsharded) state dicts come from torch.distributed.checkpoint's `get_state_dict`, which works
-the same for a plain module, DDP and FSDP2; only rank 0 writes.
+the same for a plain module, DDP and FSDP2; only rank 0 writes. With `trainable_only` (LoRA),
+model.safetensors holds just the parameters that train; the frozen base is re-read from its own
+checkpoint on resume.
 """
 
 from __future__ import annotations
@@ -57,8 +59,11 @@ def _rng_states() -> list[dict]:
 
 def save_checkpoint(ckpt_dir: str | Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
                     *, state: dict, train_config: dict, model_config: dict, is_main: bool = True,
-                    keep: int = 2) -> Path | None:
+                    keep: int = 2, trainable_only: bool = False) -> Path | None:
     model_sd, optim_sd = _full_state(model, optimizer)  # collective under FSDP: every rank calls it
+    if trainable_only:
+        trained = {name for name, p in model.named_parameters() if p.requires_grad}
+        model_sd = {k: v for k, v in model_sd.items() if k in trained}
     rng_states = _rng_states()  # collective when distributed
     if not is_main:
         return None
@@ -97,9 +102,11 @@ def latest_checkpoint(ckpt_dir: str | Path) -> Path | None:
     return path if (path / "state.json").is_file() else None
 
 
-def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict:
+def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None,
+                    trainable_only: bool = False) -> dict:
     """Restore model (and optimizer, RNG) in place; returns state.json's contents, plus
-    `rng_restored`: False when the checkpoint has no RNG state for this process (another world size)."""
+    `rng_restored`: False when the checkpoint has no RNG state for this process (another world size).
+    `trainable_only`: the checkpoint holds only some parameters (saved so); the others stay as they are."""
     import torch.distributed as dist
 
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
@@ -108,7 +115,7 @@ def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.O
     model_sd = load_file(str(path / "model.safetensors"))
     if "lm_head.weight" not in model_sd and "embed_tokens.weight" in model_sd:
         model_sd["lm_head.weight"] = model_sd["embed_tokens.weight"]
-    opts = StateDictOptions(full_state_dict=True)
+    opts = StateDictOptions(full_state_dict=True, strict=not trainable_only)
     if optimizer is not None:
         optim_sd = torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu")
         set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd, options=opts)
@@ -122,6 +129,6 @@ def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.O
             if "cuda" in rng["ranks"][rank] and torch.cuda.is_available():
                 torch.cuda.set_rng_state(rng["ranks"][rank]["cuda"])
     else:
-        model.load_state_dict(model_sd, strict=True)
+        model.load_state_dict(model_sd, strict=not trainable_only)
         restored = False
     return {**json.loads((path / "state.json").read_text()), "rng_restored": restored}
