@@ -5,6 +5,7 @@
     sc.complete("def fibonacci(n):", max_new_tokens=64)
     sc.infill("def add(a, b):\n    ", "\n\nprint(add(1, 2))")
     for piece in sc.stream_complete("import os\n"): print(piece, end="")
+    sc.chat([{"role": "user", "content": "Write a quicksort"}])   # models that ship a chat template
     ids = sc.generate(sc.tokenizer.encode("x = "), max_new_tokens=8)       # new token ids
     logits = sc.model(torch.tensor([ids]))                                   # (1, T, vocab) fp32
 """
@@ -18,11 +19,13 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import CheckpointError, load_model, read_tensor, resolve
+from .adapters import check_fits, load_adapter, merge_adapter
+from .chat import ChatTemplate, chat_prompt, chat_stop_ids, find_chat_template, no_chat_template
+from .checkpoint import CheckpointError, load_model, read_config, read_quantization_config, read_tensor, resolve
 from .config import ModelConfig
 from .device import resolve_device, resolve_dtype
 from .infer.generate import SamplingParams, generate_tokens
-from .infer.quantize import is_quant_target, quantize_model, use_native_kernels
+from .infer.quantize import is_quant_target, prequantized_layers, quantize_model, use_native_kernels
 from .infer.text import TextStream
 from .model import StarCoder2
 from .prompts import default_stop_ids, fim_prompt
@@ -50,6 +53,7 @@ class LoadedModel:
     tokenizer: Tokenizer
     config: ModelConfig
     path: Path
+    adapter: Path | None = None  # the LoRA adapter merged at load, if any
 
     @property
     def device(self) -> torch.device:
@@ -115,23 +119,63 @@ class LoadedModel:
     def infill(self, prefix: str, suffix: str, **kw) -> str:
         return "".join(self.stream_infill(prefix, suffix, **kw))
 
+    # ---- chat --------------------------------------------------------------------------------
+
+    def chat_template(self) -> ChatTemplate:
+        """The adapter's chat template (`finetune --sft` saves one with it), else the checkpoint's;
+        ChatTemplateError for a base model."""
+        template = find_chat_template(self.adapter, self.path)
+        if template is None:
+            raise no_chat_template(self.path.name)
+        return template
+
+    def stream_chat(self, messages: list[dict], **kw) -> Iterator[str]:
+        """The assistant's next turn after `messages` ([{"role", "content"}, ...]); yields text pieces
+        and ends at the template's end-of-turn token."""
+        template = self.chat_template()
+        ids = chat_prompt(template, self.tokenizer, messages)
+        return self._stream(ids, sorted({*default_stop_ids(self.tokenizer), *chat_stop_ids(template, self.tokenizer)}),
+                            **kw)
+
+    def chat(self, messages: list[dict], **kw) -> str:
+        return "".join(self.stream_chat(messages, **kw))
+
 
 def load_for_inference(path: Path, dtype: str | torch.dtype | None = None, device: str | torch.device | None = None,
-                       quantize: str | None = None, group_size: int = 128, native: bool = True
-                       ) -> tuple[StarCoder2, ModelConfig]:
-    """The model as `load` prepares it: cast, optionally quantized (streamed: each weight is read,
-    quantized and freed before the next, so peak memory stays near the quantized size), and with
-    the native decode kernels on bf16 CPUs."""
+                       quantize: str | None = None, group_size: int = 128, native: bool = True,
+                       adapter: str | os.PathLike | None = None) -> tuple[StarCoder2, ModelConfig]:
+    """The model as `load` prepares it: cast, a LoRA adapter merged in, optionally quantized
+    (streamed: each weight is read, merged, quantized and freed before the next, so peak memory stays
+    near the quantized size), and with the native decode kernels on bf16 CPUs."""
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
-    if quantize is not None and dt == torch.float32:
+    stored = read_quantization_config(path)  # a pre-quantized checkpoint (convert --quantize)
+    if stored is not None and quantize not in (None, stored.get("mode")):
+        raise CheckpointError(f"{path} is pre-quantized to {stored.get('mode')}: drop --quantize {quantize}, "
+                              "or quantize the float checkpoint instead")
+    if (quantize is not None or stored is not None) and dt == torch.float32:
         dt = torch.bfloat16  # the int kernels take bf16 activations
-    if quantize is None:
+    lora = load_adapter(adapter) if adapter is not None else None
+    if lora is not None:
+        if stored is not None:
+            raise CheckpointError(f"{path} is pre-quantized: apply the adapter to the float checkpoint "
+                                  "(with --quantize to quantize at load)")
+        check_fits(lora, read_config(path))  # before reading gigabytes of weights
+    if stored is not None:  # the stored buffers load as they are: no quantization pass
+        model, config = load_model(path, dt, dev, prepare=prequantized_layers(stored, dt))
+    elif quantize is None:
         model, config = load_model(path, dt, dev)
+        if lora is not None:
+            merge_adapter(model, lora)
     else:
         model, config = load_model(path, dt, dev, defer=is_quant_target)
-        quantize_model(model, quantize, group_size=group_size, dtype=dt,
-                       load_weight=lambda name: read_tensor(path, name).to(dev))
+
+        # LoRA targets are all quantized linears: each merges as it streams in, before quantization
+        def load_weight(name: str) -> torch.Tensor:
+            weight = read_tensor(path, name).to(dev)
+            return lora.merged_weight(name, weight) if lora is not None else weight
+
+        quantize_model(model, quantize, group_size=group_size, dtype=dt, load_weight=load_weight)
     if native and dev.type == "cpu" and dt == torch.bfloat16:
         use_native_kernels(model)  # ~2x faster bf16 decode where the CPU has AVX512_BF16
     return model, config
@@ -139,12 +183,13 @@ def load_for_inference(path: Path, dtype: str | torch.dtype | None = None, devic
 
 def load(path_or_id: str | os.PathLike | None = None, dtype: str | torch.dtype | None = None,
          device: str | torch.device | None = None, quantize: str | None = None,
-         group_size: int = 128) -> LoadedModel:
+         group_size: int = 128, adapter: str | os.PathLike | None = None) -> LoadedModel:
     """Load a checkpoint (directory, hub id from the local HF cache, or None for the default model).
     dtype: "fp32" | "bf16" | "fp16" (default bf16); device: "cpu" | "cuda" (default: CUDA when present);
-    quantize: None | "int8" | "int4" (weight-only; activations in bf16 unless dtype says otherwise)."""
+    quantize: None | "int8" | "int4" (weight-only; activations in bf16 unless dtype says otherwise);
+    adapter: a LoRA adapter directory (PEFT format), merged into the weights at load."""
     path = resolve(path_or_id) if path_or_id is not None else default_model_path()
-    model, config = load_for_inference(path, dtype, device, quantize, group_size)
+    model, config = load_for_inference(path, dtype, device, quantize, group_size, adapter=adapter)
     try:
         tokenizer = Tokenizer.from_dir(path)
     except TokenizerError as e:
@@ -152,4 +197,4 @@ def load(path_or_id: str | os.PathLike | None = None, dtype: str | torch.dtype |
     if tokenizer.vocab_size > config.vocab_size:
         raise CheckpointError(f"{path}: tokenizer has {tokenizer.vocab_size} tokens but the model only "
                               f"{config.vocab_size} embeddings")
-    return LoadedModel(model, tokenizer, config, path)
+    return LoadedModel(model, tokenizer, config, path, Path(adapter) if adapter is not None else None)

@@ -46,7 +46,12 @@ HF_TO_NATIVE: dict[str, str | None] = {
         "self_attn.v_proj.weight", "self_attn.v_proj.bias", "self_attn.o_proj.weight", "self_attn.o_proj.bias",
         "post_attention_layernorm.weight", "post_attention_layernorm.bias",
         "mlp.c_fc.weight", "mlp.c_fc.bias", "mlp.c_proj.weight", "mlp.c_proj.bias")},
+    # buffers of pre-quantized checkpoints (infer/quantize.py QuantizedLinear: scales, int4 minima, AWQ)
+    **{f"model.layers.{{}}.{proj}.{buf}": f"layers.{{}}.{proj}.{buf}"
+       for proj in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.c_fc",
+                    "mlp.c_proj") for buf in ("scale", "lo", "in_scale")},
 }
+QUANT_CONFIG_KEY = "quantization_config"  # in config.json of a pre-quantized checkpoint
 _LAYER = re.compile(r"\.(\d+)\.")
 
 
@@ -120,6 +125,16 @@ def read_config(path: Path) -> ModelConfig:
         raise CheckpointError(f"{cfg}: not a usable StarCoder2 config: {e}") from None
 
 
+def read_quantization_config(path: Path) -> dict | None:
+    """config.json's `quantization_config` (a pre-quantized checkpoint), or None for float weights."""
+    try:
+        with open(path / "config.json", encoding="utf-8") as f:
+            qc = json.load(f).get(QUANT_CONFIG_KEY)
+    except (OSError, json.JSONDecodeError):
+        return None  # read_config reports a bad config.json
+    return qc if isinstance(qc, dict) else None
+
+
 def weight_files(path: Path) -> list[Path]:
     index = path / SAFE_INDEX
     if index.is_file():
@@ -156,11 +171,17 @@ def _open(file: Path):
 
 
 def load_state(path: Path, config: ModelConfig, dtype: torch.dtype, device: torch.device,
-               defer: Callable[[str], bool] | None = None) -> dict[str, torch.Tensor]:
+               defer: Callable[[str], bool] | None = None, like: torch.nn.Module | None = None
+               ) -> dict[str, torch.Tensor]:
     """Read and check every tensor: native name -> tensor of the right shape, in `dtype` on `device`.
-    Tensors whose native name `defer` accepts are checked but not read (left for `read_tensor`)."""
-    with torch.device("meta"):
-        expected = {k: v.shape for k, v in StarCoder2(config).state_dict().items()}
+    Tensors whose native name `defer` accepts are checked but not read (left for `read_tensor`).
+    `like` (a meta-device model) replaces the plain model as the source of names, shapes and
+    dtypes: each tensor is then cast to its counterpart's dtype (pre-quantized checkpoints)."""
+    if like is None:
+        with torch.device("meta"):
+            like = StarCoder2(config).to(dtype)
+    dtypes = {k: v.dtype for k, v in like.state_dict().items()}
+    expected = {k: v.shape for k, v in like.state_dict().items()}
     if config.tie_word_embeddings:
         expected.pop("lm_head.weight")
     state: dict[str, torch.Tensor] = {}
@@ -184,13 +205,13 @@ def load_state(path: Path, config: ModelConfig, dtype: torch.dtype, device: torc
                     raise CheckpointError(f"{file.name}: tensor {hf_name!r} has shape {list(shape)}, "
                                           f"expected {list(expected[name])}")
                 if defer is not None and defer(name):
-                    state[name] = torch.empty(shape, dtype=dtype, device="meta")
+                    state[name] = torch.empty(shape, dtype=dtypes[name], device="meta")
                     continue
                 try:
                     t = f.get_tensor(hf_name)
                 except (SafetensorError, RuntimeError) as e:
                     raise CheckpointError(f"{file.name}: cannot read {hf_name!r} (truncated file?): {e}") from None
-                state[name] = t.to(device=device, dtype=dtype)
+                state[name] = t.to(device=device, dtype=dtypes[name])
     missing = sorted(set(expected) - set(state))
     if missing:
         names = ", ".join(native_to_hf(n) for n in missing[:5]) + (" ..." if len(missing) > 5 else "")
@@ -199,14 +220,23 @@ def load_state(path: Path, config: ModelConfig, dtype: torch.dtype, device: torc
 
 
 def load_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
-               defer: Callable[[str], bool] | None = None) -> tuple[StarCoder2, ModelConfig]:
+               defer: Callable[[str], bool] | None = None,
+               prepare: Callable[[StarCoder2], None] | None = None) -> tuple[StarCoder2, ModelConfig]:
     """Load a HF-layout directory into our model, in eval mode. Parameters named by `defer` stay on
-    the meta device, for a caller that reads them one by one (`read_tensor`), e.g. to quantize."""
+    the meta device, for a caller that reads them one by one (`read_tensor`), e.g. to quantize.
+    `prepare` changes the meta-device model (in `dtype`) before loading, e.g. swaps in quantized
+    layers whose stored buffers the checkpoint holds; it is required for a pre-quantized checkpoint."""
     path = Path(path)
     config = read_config(path)
-    state = load_state(path, config, dtype, torch.device(device), defer)
+    qc = read_quantization_config(path)
+    if qc is not None and prepare is None:
+        raise CheckpointError(f"{path} holds pre-quantized {qc.get('mode', '')} weights: load it with "
+                              "starcoder2.load / --model, or convert the float checkpoint it came from")
     with torch.device("meta"):
-        model = StarCoder2(config)
+        model = StarCoder2(config).to(dtype)
+        if prepare is not None:
+            prepare(model)
+    state = load_state(path, config, dtype, torch.device(device), defer, like=model)
     model.load_state_dict(state, strict=not config.tie_word_embeddings, assign=True)
     model.tie_weights()
     return model.eval(), config
@@ -261,8 +291,9 @@ def hf_state_dict(model: StarCoder2, dtype: torch.dtype | None = None) -> dict[s
 
 def save_model(model: StarCoder2, out_dir: str | os.PathLike, dtype: torch.dtype | None = None,
                max_shard_size: int | str = "5GB", tokenizer_dir: str | os.PathLike | None = None,
-               generation_config: dict | None = None) -> Path:
-    """Write a HF-layout checkpoint atomically (temporary directory, then rename)."""
+               generation_config: dict | None = None, quantization_config: dict | None = None) -> Path:
+    """Write a HF-layout checkpoint atomically (temporary directory, then rename). A quantized
+    model (infer/quantize.py) is saved with its `quantization_config` and dtype=None: every buffer as is."""
     out = Path(out_dir)
     limit = _parse_size(max_shard_size)
     state = hf_state_dict(model, dtype)
@@ -281,7 +312,10 @@ def save_model(model: StarCoder2, out_dir: str | os.PathLike, dtype: torch.dtype
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         config = model.config
-        (tmp / "config.json").write_text(json.dumps(config.to_hf(dtype_name(stored)), indent=2) + "\n")
+        hf_config = config.to_hf(dtype_name(stored))
+        if quantization_config is not None:
+            hf_config[QUANT_CONFIG_KEY] = quantization_config
+        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
         gen = generation_config or {}
         gen = {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id, **gen}
         (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")

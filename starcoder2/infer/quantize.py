@@ -14,6 +14,13 @@ Kernels: for decode-sized inputs (at most NATIVE_MAX_ROWS rows) the native AVX-5
 weights are dequantized to the activation dtype and multiplied by oneDNN's GEMM, which is compute
 bound there anyway. `kernel="reference"` always takes the dequantize path: the oracle in tests.
 `use_native_kernels` gives unquantized bf16 models the same decode kernel.
+
+Pre-quantized checkpoints (`starcoder2 convert --quantize`, loaded by `prequantized_layers`) store
+each QuantizedLinear's buffers under its HF name, e.g. `model.layers.0.mlp.c_fc.{weight,scale,lo,
+bias,in_scale}`, with `quantization_config` (`quant_method: "starcoder2"`) in config.json. Unlike
+GPTQ/AWQ checkpoints (int32-packed `qweight`, integer `qzeros`), int4 stores a float minimum `lo` per
+group (w = q * scale + lo) and our nibble order, so transformers refuses the file instead of
+misreading it (unknown quant_method), and loading it here needs no quantization pass.
 """
 
 from __future__ import annotations
@@ -25,12 +32,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..checkpoint import CheckpointError
 from ..kernels import native
 
 QUANT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "c_fc", "c_proj")
 QUANT_MODES = ("int8", "int4")
 NATIVE_MAX_ROWS = 16  # above this many input rows (prefill), GEMM libraries win
 NATIVE_ROW_BLOCK = 8  # out_features must be a multiple of this (R_BF16 in cpu_linear.cpp; R_INT is 4)
+QUANT_METHOD = "starcoder2"  # quantization_config.quant_method of our pre-quantized checkpoints
+QUANT_FORMAT_VERSION = 1
 
 
 def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -104,13 +114,7 @@ class QuantizedLinear(nn.Module):
         w = linear.weight.detach()
         self.mode, self.group_size, self.dtype = mode, group_size, dtype
         self.in_features, self.out_features = w.shape[1], w.shape[0]
-        fits = self.in_features % 64 == 0 and self.out_features % NATIVE_ROW_BLOCK == 0 and group_size % 64 == 0
-        if kernel == "auto":
-            kernel = "native" if fits and native() is not None else "reference"
-        if kernel == "native" and (not fits or native() is None):
-            raise ValueError("native kernels need an AVX512 BF16/VNNI CPU, in_features and group_size multiples "
-                             f"of 64, out_features of {NATIVE_ROW_BLOCK}")
-        self.kernel = kernel
+        self.kernel = _pick_kernel(self.in_features, self.out_features, group_size, kernel)
         self.register_buffer("in_scale", None if in_scale is None else (1.0 / in_scale).to(dtype))
         if in_scale is not None:
             w = w.float() * in_scale[None, :].float()
@@ -125,6 +129,30 @@ class QuantizedLinear(nn.Module):
             self.register_buffer("weight", pack_int4(q) if self.in_features % 64 == 0 else q)
             self.register_buffer("scale", scale)
             self.register_buffer("lo", lo)
+
+    @classmethod
+    def empty(cls, in_features: int, out_features: int, mode: str, group_size: int = 128, bias: bool = True,
+              awq: bool = False, kernel: str = "auto", dtype: torch.dtype = torch.bfloat16) -> QuantizedLinear:
+        """A layer with uninitialised buffers of the stored shapes (on the current device, e.g. meta),
+        for `load_state_dict(assign=True)` from a pre-quantized checkpoint: no quantization pass."""
+        if mode not in QUANT_MODES:
+            raise ValueError(f"unknown quantization {mode!r}; choose int8 or int4")
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        N, K = out_features, in_features
+        self.mode, self.group_size, self.dtype = mode, group_size, dtype
+        self.in_features, self.out_features = K, N
+        self.kernel = _pick_kernel(K, N, group_size, kernel)
+        self.register_buffer("in_scale", torch.empty(K, dtype=dtype) if awq else None)
+        self.register_buffer("bias", torch.empty(N, dtype=dtype) if bias else None)
+        if mode == "int8":
+            self.register_buffer("weight", torch.empty(N, K, dtype=torch.uint8))
+            self.register_buffer("scale", torch.empty(N))
+        else:
+            self.register_buffer("weight", torch.empty(N, K // 2 if K % 64 == 0 else K, dtype=torch.uint8))
+            self.register_buffer("scale", torch.empty(N, K // group_size))
+            self.register_buffer("lo", torch.empty(N, K // group_size))
+        return self
 
     def _stored_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The quantized weight as floats, (N, K), before undoing any AWQ input scaling. For prefill
@@ -160,6 +188,16 @@ class QuantizedLinear(nn.Module):
     def extra_repr(self) -> str:
         g = f", group_size={self.group_size}" if self.mode == "int4" else ""
         return f"{self.in_features}, {self.out_features}, {self.mode}{g}, kernel={self.kernel}, awq={self.in_scale is not None}"
+
+
+def _pick_kernel(in_features: int, out_features: int, group_size: int, kernel: str) -> str:
+    fits = in_features % 64 == 0 and out_features % NATIVE_ROW_BLOCK == 0 and group_size % 64 == 0
+    if kernel == "auto":
+        kernel = "native" if fits and native() is not None else "reference"
+    if kernel == "native" and (not fits or native() is None):
+        raise ValueError("native kernels need an AVX512 BF16/VNNI CPU, in_features and group_size multiples "
+                         f"of 64, out_features of {NATIVE_ROW_BLOCK}")
+    return kernel
 
 
 def _targets(model: nn.Module, names: tuple[str, ...] = QUANT_TARGETS) -> list[tuple[nn.Module, str, nn.Linear]]:
@@ -258,3 +296,46 @@ def quantize_model(model: nn.Module, mode: str, group_size: int = 128, kernel: s
         setattr(parent, name, QuantizedLinear(source, mode, group_size, kernel, in_scale=s, dtype=dtype))
     model.to(dtype)  # embedding, norms and head in the activation dtype
     return model
+
+
+# ---- pre-quantized checkpoints ------------------------------------------------------------------
+
+
+def quantization_config(model: nn.Module) -> dict:
+    """The config.json `quantization_config` that describes a model quantized by `quantize_model`."""
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, QuantizedLinear)}
+    if not layers:
+        raise ValueError("the model has no quantized layers")
+    modes = {(m.mode, m.group_size if m.mode == "int4" else None) for m in layers.values()}
+    if len(modes) > 1:
+        raise ValueError(f"mixed quantization {sorted(modes, key=str)} cannot be saved")
+    mode, group_size = modes.pop()
+    return {"quant_method": QUANT_METHOD, "format_version": QUANT_FORMAT_VERSION, "mode": mode,
+            "group_size": group_size, "modules": list(QUANT_TARGETS),
+            "awq_layers": sorted(n for n, m in layers.items() if m.in_scale is not None),
+            "layout": "int8: uint8 = q + 128, fp scale per output row; int4: 2 per byte (in each 64-column "
+                      "block byte j = q[j] | q[j+32] << 4), w = q * scale + lo per group of group_size columns"}
+
+
+def prequantized_layers(qc: dict, dtype: torch.dtype = torch.bfloat16, kernel: str = "auto"
+                        ) -> Callable[[nn.Module], None]:
+    """For `checkpoint.load_model(prepare=...)`: swaps every target Linear of a meta-device model
+    for an empty QuantizedLinear shaped like the stored buffers, then casts as `quantize_model` does."""
+    if qc.get("quant_method") != QUANT_METHOD or qc.get("format_version") != QUANT_FORMAT_VERSION:
+        raise CheckpointError(f"unsupported quantization_config (quant_method={qc.get('quant_method')!r}, "
+                              f"format_version={qc.get('format_version')!r}); only starcoder2's own pre-quantized "
+                              f"format {QUANT_FORMAT_VERSION} loads here (convert --quantize)")
+    mode, group_size = qc.get("mode"), qc.get("group_size") or 128
+    if mode not in QUANT_MODES:
+        raise CheckpointError(f"quantization_config.mode={mode!r} is not int8 or int4")
+    awq = set(qc.get("awq_layers", []))
+
+    def prepare(model: nn.Module) -> None:
+        names = {id(m): n for n, m in model.named_modules()}
+        for parent, name, lin in _targets(model, tuple(qc.get("modules", QUANT_TARGETS))):
+            setattr(parent, name, QuantizedLinear.empty(lin.in_features, lin.out_features, mode, group_size,
+                                                        bias=lin.bias is not None, awq=names[id(lin)] in awq,
+                                                        kernel=kernel, dtype=dtype))
+        model.to(dtype)
+
+    return prepare
