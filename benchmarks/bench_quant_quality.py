@@ -87,7 +87,7 @@ def main() -> None:
 
     print(f"{path.name}: {args.windows} held-out windows x {args.seq_len} tokens ({nbytes:,} bytes); "
           f"AWQ calibrated on {args.calibration} train windows")
-    print(f"| variant | loss | ppl | bits/byte | Δloss vs fp32 | max |Δlogit| | mean |Δlogit| | top-1 agree |")
+    print("| variant | loss | ppl | bits/byte | Δloss vs fp32 | max |Δlogit| | mean |Δlogit| | top-1 agree |")
     print("|---|---|---|---|---|---|---|---|")
     base = rows[0]["loss"]
     for r in rows:

@@ -13,4 +13,7 @@ if ! .venv/bin/python -c "import torch, sys; sys.exit(torch.__version__.split('+
   pip_install ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} torch==2.13.0
 fi
 pip_install -e ".[dev]"
+# The TGI client for tests/server/test_clients.py: it pins huggingface-hub<1, which would downgrade
+# transformers 5, so it goes in without its dependencies (aiohttp and pydantic come with [dev]).
+.venv/bin/python -c "import text_generation" 2>/dev/null || pip_install --no-deps text-generation==0.7.0
 .venv/bin/python -c "import starcoder2, torch; print(f'starcoder2 {starcoder2.__version__} ready (torch {torch.__version__})')"

@@ -1,4 +1,5 @@
-"""The `starcoder2` command line: complete, infill, info, convert, bench.
+"""The `starcoder2` command line: complete, infill, chat, serve, eval, compare, bench, index, data,
+train, finetune, merge, convert, export, tokenizer, info (one `cmd_*` function per command).
 
 Every command prints `--help`; every failure is one line on stderr and a non-zero exit status
 (1 for bad input or a bad checkpoint, 130 when interrupted).
@@ -19,6 +20,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", help="fp32 | bf16 | fp16 (default: bf16)")
     p.add_argument("--device", default="auto", help="cpu | cuda (default: cuda when present)")
     p.add_argument("--quantize", choices=["int8", "int4"], help="weight-only quantization at load")
+    p.add_argument("--adapter", help="LoRA adapter directory (PEFT format), merged into the weights at load")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -47,7 +49,7 @@ def _read_text(path: str) -> str:
 
 def _load(args: argparse.Namespace):
     from .api import load
-    return load(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize)
+    return load(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize, adapter=args.adapter)
 
 
 def _stream_out(pieces) -> None:
@@ -142,13 +144,33 @@ def cmd_info(args: argparse.Namespace) -> None:
 def cmd_convert(args: argparse.Namespace) -> None:
     from .checkpoint import load_model, resolve, save_model, stored_dtype
     from .device import resolve_dtype
-    src = resolve(args.model)
+    if (args.source is None) == (args.model is None):
+        raise ValueError("give the source checkpoint once: as MODEL or with --model")
+    src = resolve(args.source or args.model)
     out = Path(args.out)
     if out.resolve() == src.resolve():
         raise ValueError("--out must differ from the source checkpoint")
-    dtype = stored_dtype(src) if args.dtype == "keep" else resolve_dtype(args.dtype)
-    model, _ = load_model(src, dtype)
-    save_model(model, out, max_shard_size=args.max_shard_size, tokenizer_dir=src)
+    if args.to == "gguf":
+        if args.quantize:
+            raise ValueError("--quantize writes a pre-quantized checkpoint; for an 8-bit GGUF use --outtype q8_0")
+        from .gguf_export import export_gguf
+        export_gguf(src, out, args.outtype or "f16")
+    elif args.outtype:
+        raise ValueError("--outtype is for --to gguf")
+    elif args.quantize:
+        from .api import load_for_inference
+        from .infer.quantize import quantization_config
+        dtype = resolve_dtype("bf16" if args.dtype == "keep" else args.dtype)  # the activation dtype
+        model, _ = load_for_inference(src, dtype, "cpu", quantize=args.quantize, group_size=args.group_size,
+                                      native=False)
+        save_model(model, out, max_shard_size=args.max_shard_size, tokenizer_dir=src,
+                   quantization_config=quantization_config(model))
+    else:
+        dtype = stored_dtype(src) if args.dtype == "keep" else resolve_dtype(args.dtype)
+        model, _ = load_model(src, dtype)
+        # an adapter saved with its tokenizer (finetune does; an SFT run's carries its chat template) wins
+    tokenizer_dir = args.adapter if (Path(args.adapter) / "tokenizer.json").is_file() else src
+    save_model(model, out, max_shard_size=args.max_shard_size, tokenizer_dir=tokenizer_dir)
     print(f"wrote {out}")
 
 
@@ -245,6 +267,103 @@ def cmd_export(args: argparse.Namespace) -> None:
     print(f"wrote {path}")
 
 
+def cmd_finetune(args: argparse.Namespace) -> None:
+    import dataclasses
+
+    from .api import default_model_path
+    from .checkpoint import resolve
+    from .data.fim import FIMConfig
+    from .data.pipeline import DataConfig
+    from .finetune import FinetuneConfig, finetune_repo
+
+    import importlib.util
+    if not args.full and importlib.util.find_spec("peft") is None:
+        raise ValueError("finetune --lora needs peft: pip install 'starcoder2[finetune]' (or use --full)")
+    path = resolve(args.model) if args.model else default_model_path()
+    data_config = DataConfig.from_file(args.data_config) if args.data_config else DataConfig()
+    data_config = dataclasses.replace(data_config, seed=args.seed)
+    targets = tuple(t.strip() for t in args.targets.split(",") if t.strip())
+    config = FinetuneConfig(model=str(path), out=args.out, method="full" if args.full else "lora", rank=args.rank,
+                            alpha=args.alpha, dropout=args.dropout, targets=targets, base_name=args.model,
+                            steps=args.steps, lr=args.lr, batch_size=args.batch, seq_len=args.seq_len,
+                            grad_accum=args.grad_accum, eval_every=args.eval_every, save_every=args.save_every,
+                            seed=args.seed, fim=FIMConfig(rate=args.fim_rate), dtype=args.dtype,
+                            parallel=args.parallel, threads=args.threads)
+    log = lambda m: print(m, file=sys.stderr)  # noqa: E731
+    device = None if args.device == "auto" else args.device
+    if args.sft:
+        from .finetune.sft import finetune_sft
+        finetune_sft(config, args.sft, holdout=args.holdout, template_file=args.chat_template, resume=args.resume,
+                     device=device, progress=not args.quiet, log=log)
+    elif args.chat_template:
+        raise ValueError("--chat-template goes with --sft")
+    else:
+        finetune_repo(config, args.repo, data_config, holdout=args.holdout, resume=args.resume, device=device,
+                      progress=not args.quiet, log=log)
+    result = Path(args.out) / ("final" if args.full else "adapter")
+    if result.is_dir():  # rank 0 of a torchrun job; the other ranks print nothing
+        print(f"wrote {result}")
+
+
+def cmd_merge(args: argparse.Namespace) -> None:
+    from .adapters import load_adapter, merge_adapter
+    from .checkpoint import load_model, resolve, save_model, stored_dtype
+    from .device import resolve_dtype
+    src = resolve(args.model)
+    out = Path(args.out)
+    if out.resolve() in (src.resolve(), Path(args.adapter).resolve()):
+        raise ValueError("--out must differ from the base checkpoint and the adapter")
+    adapter = load_adapter(args.adapter)
+    dtype = stored_dtype(src) if args.dtype == "keep" else resolve_dtype(args.dtype)
+    model, _ = load_model(src, dtype)
+    merge_adapter(model, adapter)
+    # an adapter saved with its tokenizer (finetune does; an SFT run's carries its chat template) wins
+    tokenizer_dir = args.adapter if (Path(args.adapter) / "tokenizer.json").is_file() else src
+    save_model(model, out, max_shard_size=args.max_shard_size, tokenizer_dir=tokenizer_dir)
+    print(f"wrote {out}")
+
+
+def cmd_chat(args: argparse.Namespace) -> None:
+    """A terminal chat: one line per user turn, the answer streamed; /reset forgets, Ctrl-D exits."""
+    sc = _load(args)
+    template = sc.chat_template()  # a base model fails here, with the reason
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    if system:  # a template without a system role (StarCoder2-Instruct's) says so now, not mid-chat
+        template.render([*system, {"role": "user", "content": "hi"}], add_generation_prompt=True)
+    history = list(system)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print(f"starcoder2 chat with {sc.path.name}: /reset forgets the conversation, Ctrl-D exits", file=sys.stderr)
+    while True:
+        if interactive:
+            print(">>> ", end="", file=sys.stderr, flush=True)
+        line = sys.stdin.readline()
+        if not line:  # Ctrl-D / end of input
+            break
+        text = line.rstrip("\n")
+        if text.strip() in ("/reset", "/clear"):
+            history = list(system)
+            print("(conversation reset)", file=sys.stderr)
+            continue
+        if text.strip() in ("/exit", "/quit"):
+            break
+        if not text.strip():
+            continue
+        turn = [*history, {"role": "user", "content": text}]
+        answer = []
+        try:
+            for piece in sc.stream_chat(turn, **_sampling(args)):
+                answer.append(piece)
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+        except KeyboardInterrupt:  # stop this answer, keep the conversation as it was
+            print("\n(interrupted)", file=sys.stderr)
+            continue
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+        history = [*turn, {"role": "assistant", "content": "".join(answer)}]
+
+
 def cmd_serve(args: argparse.Namespace) -> None:
     import importlib.util
     if importlib.util.find_spec("fastapi") is None or importlib.util.find_spec("uvicorn") is None:
@@ -256,7 +375,10 @@ def cmd_serve(args: argparse.Namespace) -> None:
             raise ValueError(f"{args.api_key_file} holds no API key")
     settings = {k: v for k, v in (("max_batch", args.max_batch), ("max_queue", args.max_queue),
                                   ("max_seq_len", args.max_seq_len), ("model_name", args.model_name),
-                                  ("cors_origins", args.cors_origin or None)) if v is not None}
+                                  ("cors_origins", args.cors_origin or None), ("repo", args.repo),
+                                  ("repo_refresh_s", args.repo_refresh)) if v is not None}
+    if args.repo and not Path(args.repo).is_dir():
+        raise ValueError(f"--repo {args.repo}: not a directory")
     import uvicorn
 
     from .server import create_app
@@ -267,10 +389,13 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    import json
     if args.task == "perplexity":
         return _eval_perplexity(args)
-    from .eval.runner import EvalSettings, evaluate, markdown_table
+    if args.task == "repo":
+        return _eval_repo(args)
+    if args.repo:
+        raise ValueError(f"{args.task} takes no REPO argument (only `eval repo REPO` does)")
+    from .eval.runner import EvalSettings, evaluate, markdown_table, write_json
     if args.samples and args.model:
         raise ValueError("--samples scores completions made elsewhere: give either --samples or --model")
     if args.greedy and (args.temperature or args.top_p is not None):
@@ -280,20 +405,58 @@ def cmd_eval(args: argparse.Namespace) -> None:
     top_p = (0.95 if args.top_p is None else args.top_p) if sampling else 1.0
     settings = EvalSettings(n_samples=args.n_samples or 1, temperature=temperature, top_p=top_p,
                             max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed,
-                            workers=args.workers, timeout_s=args.timeout, code_checks=not args.no_code_checks)
+                            workers=args.workers, timeout_s=args.timeout, code_checks=not args.no_code_checks,
+                            sanitize=args.sanitize)
     lm = None if args.samples else _load(args)
     report = evaluate(args.task, lm=lm, samples=args.samples, data=args.data, limit=args.limit, settings=settings,
                       results=args.results, model_name=None if lm is None else str(lm.path),
                       progress=not args.quiet)
     if args.output:
-        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output).write_text(json.dumps(report, indent=2) + "\n")
+        write_json(args.output, report)
+    print(markdown_table(report))
+
+
+def _add_eval_repo_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("eval repo REPO (repository-level completion, docs/repo.md)")
+    g.add_argument("--n", type=int, default=20, help="cursor positions per kind (default 20)")
+    g.add_argument("--modes", default="none,file,commented,native", help="context modes, comma-separated")
+    g.add_argument("--kinds", default="single,multi,function", help="hole kinds, comma-separated")
+    g.add_argument("--holdout", type=float, default=0.2, help="fraction of files cursors come from (default 0.2)")
+    g.add_argument("--budget", type=int, default=2048, help="prompt tokens (default 2048)")
+    g.add_argument("--test-cmd", help="shell command running the repository's tests in its copy, {python} = the "
+                   "interpreter (default: pytest when the repository has tests)")
+    g.add_argument("--no-tests", action="store_true", help="do not run the repository's tests")
+    g.add_argument("--test-timeout", type=float, default=120.0, help="seconds per test run (default 120)")
+    g.add_argument("--index", help="index database (default: the index's own location)")
+    g.add_argument("--plot", help="write a bar chart (mode x kind) to this image")
+
+
+def _eval_repo(args: argparse.Namespace) -> None:
+    from .eval.repobench import RepoBenchSettings, evaluate_repo, markdown_table, plot
+    from .eval.runner import write_json
+    if not args.repo:
+        raise ValueError("eval repo needs the repository: starcoder2 eval repo PATH")
+    if args.samples or args.n_samples or args.temperature:
+        raise ValueError("eval repo decodes greedily from a model: "
+                         "--samples, --n-samples and --temperature do not apply")
+    settings = RepoBenchSettings(seed=args.seed, n=args.n, modes=tuple(filter(None, args.modes.split(","))),
+                                 kinds=tuple(filter(None, args.kinds.split(","))), holdout=args.holdout,
+                                 budget=args.budget, batch_size=args.batch_size, tests=not args.no_tests,
+                                 test_cmd=args.test_cmd, test_timeout_s=args.test_timeout, workers=args.workers)
+    lm = _load(args)
+    report = evaluate_repo(args.repo, lm=lm, settings=settings, results=args.results, model_name=str(lm.path),
+                           index_path=args.index, progress=not args.quiet,
+                           log=lambda m: print(m, file=sys.stderr))
+    if args.output:
+        write_json(args.output, report)
+    if args.plot:
+        plot([report], args.plot)
+        print(f"wrote {args.plot}", file=sys.stderr)
     print(markdown_table(report))
 
 
 def _eval_perplexity(args: argparse.Namespace) -> None:
-    import json
-    from .eval.runner import perplexity_table
+    from .eval.runner import perplexity_table, write_json
     from .eval.tasks import perplexity
     if not args.data:
         raise ValueError("perplexity needs --data: a prepared data directory (its valid split) or a text file")
@@ -301,24 +464,33 @@ def _eval_perplexity(args: argparse.Namespace) -> None:
     result = perplexity(lm.model, lm.tokenizer, args.data, seq_len=args.seq_len, limit=args.limit)
     result.update(task="perplexity", model=str(lm.path))
     if args.output:
-        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
+        write_json(args.output, result)
     print(perplexity_table(result))
 
 
 def cmd_compare(args: argparse.Namespace) -> None:
-    import json
     from .eval.compare import compare, markdown_table, plot
+    from .eval.runner import write_json
     rows = compare(args.models, limit=args.limit, data=args.data, dtype=args.dtype, device=args.device,
                    speed_prompts=args.speed_prompts, speed_tokens=args.speed_tokens,
                    max_new_tokens=args.max_new_tokens, isolate=not args.in_process)
     print(markdown_table(rows))
     if args.output:
-        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output).write_text(json.dumps(rows, indent=2) + "\n")
+        write_json(args.output, rows)
     if args.plot:
         plot(rows, args.plot)
         print(f"wrote {args.plot}", file=sys.stderr)
+
+
+def cmd_index(args: argparse.Namespace) -> None:
+    from .repo import RepoIndex
+    if args.k < 1:
+        raise ValueError("-k must be at least 1")
+    with RepoIndex.open(args.repo, db_path=args.db) as index:
+        stats = index.update(show_progress=not args.quiet)
+        print(f"indexed {index.root}: {stats.summary()}")
+        for hit in index.search(args.query, k=args.k) if args.query else []:
+            print(f"{hit.score:8.2f}  {hit.path}:{hit.start_line}-{hit.end_line}  {hit.kind} {hit.name or ''}".rstrip())
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -353,10 +525,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", help="describe a preset instead: tiny, small, 3b, 7b, 15b")
     p.set_defaults(func=cmd_info)
 
-    p = sub.add_parser("convert", help="re-save a checkpoint in the Hugging Face layout (dtype, shards)")
-    p.add_argument("--model", "-m", required=True, help="source checkpoint directory or hub id")
-    p.add_argument("--out", "-o", required=True, help="output directory (written atomically)")
-    p.add_argument("--dtype", default="keep", help="fp32 | bf16 | fp16 | keep (default: keep)")
+    p = sub.add_parser("convert", help="re-save a checkpoint: Hugging Face layout (dtype, shards), pre-quantized "
+                       "int8/int4, or GGUF for llama.cpp")
+    p.add_argument("source", nargs="?", metavar="MODEL", help="source checkpoint directory or hub id")
+    p.add_argument("--model", "-m", help="the source, as an option")
+    p.add_argument("--out", "-o", required=True, help="output directory, or FILE.gguf (written atomically)")
+    p.add_argument("--to", choices=["hf", "gguf"], default="hf", help="hf: safetensors directory (default); "
+                   "gguf: one file for llama.cpp / Ollama")
+    p.add_argument("--outtype", choices=["f16", "bf16", "q8_0"], help="GGUF tensor type (default f16)")
+    p.add_argument("--quantize", choices=["int8", "int4"], help="save pre-quantized weights that load without "
+                   "quantizing (starcoder2's own format)")
+    p.add_argument("--group-size", type=int, default=128, help="int4 group size (default 128)")
+    p.add_argument("--dtype", default="keep", help="fp32 | bf16 | fp16 | keep (default: keep; with --quantize: "
+                   "the activation dtype, default bf16)")
     p.add_argument("--max-shard-size", default="5GB", help="shard above this size (default 5GB)")
     p.set_defaults(func=cmd_convert)
 
@@ -410,6 +591,59 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="bf16")
     p.set_defaults(func=cmd_export)
 
+    p = sub.add_parser("finetune", help="fine-tune on a repository: LoRA (PEFT adapter) or full (torchrun: DDP)")
+    p.add_argument("--model", "-m", help="base checkpoint directory or hub id (default: the default model)")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--repo", help="the repository (directory or git checkout) to train on")
+    g.add_argument("--sft", metavar="DATA.jsonl", help="instruction-tune on JSONL ({instruction, response} or "
+                   "{messages}): loss on responses only, packed, chat template saved with the result (docs/chat.md)")
+    p.add_argument("--chat-template", metavar="T.jinja", help="with --sft: the Jinja chat template to train with "
+                   "(default: the model's, else StarCoder2-Instruct's ### Instruction / ### Response format)")
+    p.add_argument("--out", "-o", required=True, help="run directory: data/, checkpoints/, adapter/ or final/")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--lora", action="store_true", help="train LoRA adapters on a frozen base (the default)")
+    g.add_argument("--full", action="store_true", help="train every weight (AdamW; needs ~16 bytes/param)")
+    p.add_argument("--rank", type=int, default=16, help="LoRA rank r (default 16)")
+    p.add_argument("--alpha", type=float, default=32.0, help="LoRA alpha; scale = alpha / r (default 32)")
+    p.add_argument("--dropout", type=float, default=0.05, help="LoRA dropout (default 0.05)")
+    p.add_argument("--targets", default="q_proj,k_proj,v_proj,o_proj,c_fc,c_proj",
+                   help="comma-separated linears to adapt (default: all six)")
+    p.add_argument("--steps", type=int, default=200, help="optimizer steps (default 200)")
+    p.add_argument("--lr", type=float, help="peak learning rate (default 2e-4 LoRA, 2e-5 full)")
+    p.add_argument("--batch", type=int, default=4, help="sequences per micro-batch per process (default 4)")
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--eval-every", type=int, default=50, help="held-out loss every N steps (default 50)")
+    p.add_argument("--save-every", type=int, default=50, help="checkpoint every N steps (default 50)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--holdout", type=float, default=0.2, help="fraction of files held out: those `eval repo "
+                   "--holdout F --seed S` samples from, so before/after compare on unseen code (default 0.2; "
+                   "--sft: of the examples)")
+    p.add_argument("--fim-rate", type=float, default=0.5, help="fraction of documents FIM-transformed (default 0.5)")
+    p.add_argument("--data-config", help="JSON or TOML with DataConfig fields (licence, PII, dedup; as data prepare)")
+    p.add_argument("--dtype", default="bf16", help="bf16 | fp32 (default bf16: autocast; LoRA base stored bf16)")
+    p.add_argument("--parallel", choices=("ddp", "fsdp"), default="ddp", help="under torchrun (fsdp: --full only)")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/latest")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--quiet", "-q", action="store_true")
+    p.set_defaults(func=cmd_finetune)
+
+    p = sub.add_parser("merge", help="fold a LoRA adapter into a base checkpoint (Hugging Face layout)")
+    p.add_argument("--model", "-m", required=True, help="base checkpoint directory or hub id")
+    p.add_argument("--adapter", "-a", required=True, help="LoRA adapter directory (PEFT format)")
+    p.add_argument("--out", "-o", required=True, help="output directory (written atomically)")
+    p.add_argument("--dtype", default="keep", help="fp32 | bf16 | fp16 | keep (default: the base's)")
+    p.add_argument("--max-shard-size", default="5GB")
+    p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser("chat", help="chat in the terminal with a model that ships a chat template (streams; "
+                       "/reset, Ctrl-D exits)")
+    _add_model_args(p)
+    p.add_argument("--system", "-s", help="system message at the start of the conversation")
+    _add_sampling_args(p)
+    p.set_defaults(func=cmd_chat)
+
     p = sub.add_parser("serve", help="HTTP server: OpenAI, TGI, llama.cpp and Tabby completion APIs, playground at /")
     _add_model_args(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
@@ -424,11 +658,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cors-origin", action="append", help="browser origin allowed by CORS (repeatable; '*': any)")
     p.add_argument("--shutdown-timeout", type=float, default=10.0,
                    help="seconds in-flight requests get to finish on shutdown before they are cancelled")
+    p.add_argument("--repo", help="a repository to retrieve context from for /infill and Tabby requests "
+                   "(indexed at start, kept fresh; docs/repo.md)")
+    p.add_argument("--repo-refresh", type=float, help="seconds between refreshes of the --repo index (default 2)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("eval", help="benchmarks: HumanEval(+), MBPP+, HumanEval infilling (pass@k, sandboxed), perplexity")
-    p.add_argument("task", choices=TASK_NAMES, metavar="TASK", help=", ".join(TASK_NAMES))
+    p.add_argument("task", choices=(*TASK_NAMES, "repo"), metavar="TASK", help=", ".join((*TASK_NAMES, "repo")))
+    p.add_argument("repo", nargs="?", metavar="REPO", help="eval repo: the repository to build the benchmark from")
     _add_model_args(p)
+    _add_eval_repo_args(p)
     g = p.add_mutually_exclusive_group()
     g.add_argument("--greedy", action="store_true", help="greedy, one sample per problem (the default)")
     g.add_argument("--n-samples", type=int, help="samples per problem (sampling; default T 0.2, top-p 0.95)")
@@ -446,6 +685,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, help="sandbox processes in parallel (default: the sandbox's)")
     p.add_argument("--timeout", type=float, help="seconds per test program (default 10)")
     p.add_argument("--no-code-checks", action="store_true", help="skip syntax/ruff/bandit/dependency checks")
+    p.add_argument("--sanitize", action="store_true", help="judge only the code the model meant, EvalPlus-style: "
+                   "markdown and prose cut away, the entry point and what it depends on kept (not for infilling)")
     p.add_argument("--seq-len", type=int, default=1024, help="perplexity window (default 1024)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_eval)
@@ -465,6 +706,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--in-process", action="store_true",
                    help="measure every model in this process (default: a fresh process each, for fair memory)")
     p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("index", help="index a git repository for repository-aware completion (chunks + BM25, "
+                       "incremental)")
+    p.add_argument("repo", help="repository directory (.gitignore is respected inside a git work tree)")
+    p.add_argument("--db", help="index database (default: REPO/.starcoder2/index.sqlite)")
+    p.add_argument("--query", help="then print the chunks that best match this code or text")
+    p.add_argument("-k", type=int, default=8, help="results printed for --query (default 8)")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_index)
 
     # The bench options live in starcoder2.bench (one definition, also used by `python -m
     # starcoder2.bench`): every argument, --help included, is passed through unparsed.

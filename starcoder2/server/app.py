@@ -6,7 +6,8 @@
     # uvicorn.run(app, host="127.0.0.1", port=8000)     (or: starcoder2 serve)
 
 Routes (request/response shapes: shared/reference/apis.md):
-    OpenAI     POST /v1/completions (Tabby's body too, told apart by `segments`), GET /v1/models
+    OpenAI     POST /v1/completions (Tabby's body too, told apart by `segments`), GET /v1/models,
+               POST /v1/chat/completions (models with a chat template; chat.py)
     TGI        POST /generate, /generate_stream, / (and /models/{id}), GET /info
     llama.cpp  POST /completion, /infill
     Tabby      POST /v1/completions, /v1/events
@@ -19,8 +20,10 @@ always a 4xx in that shape, never FastAPI's default 422 `{"detail": ...}`.
 
 API key: `Authorization: Bearer KEY` or `x-api-key: KEY`, compared with hmac.compare_digest, never
 logged; GET /, /health, /openapi.json, /docs and CORS preflights need none.
-Deliberately left out: chat completions, `best_of` > n, logit_bias, presence/frequency penalties
-(accepted, no effect), llama.cpp's slots API, per-client superseding of older requests.
+Superseding: a request with an `X-Client-Id` header cancels the same client's older unfinished one,
+which is answered 409 (core.py).
+Deliberately left out: chat for base models (400; chat.py), `best_of` > n, logit_bias,
+presence/frequency penalties (accepted, no effect), llama.cpp's slots API.
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from .. import __version__
 from ..api import LoadedModel
 from ..tokenizer import StreamDecoder
-from . import llamacpp, openai, tabby, tgi
+from . import chat, llamacpp, openai, openapi_doc, tabby, tgi
 from .core import APIError, ClientGone, ServerSettings, ServerState
 from .schemas import DetokenizeRequest, TokenizeRequest
 
@@ -51,7 +54,8 @@ PLACEHOLDER_PAGE = ("<!doctype html><meta charset=utf-8><title>starcoder2</title
                     "<p>starcoder2 server. The playground page is not installed; the API is at "
                     "<code>/v1/completions</code> (see <a href=docs>/docs</a>).</p>")
 PUBLIC_PATHS = {"/health", "/openapi.json", "/docs", "/docs/oauth2-redirect"}
-TGI_ERROR_TYPES = {401: "authentication", 413: "validation", 422: "validation", 429: "overloaded"}
+TGI_ERROR_TYPES = {401: "authentication", 409: "superseded", 413: "validation", 422: "validation",
+                   429: "overloaded"}
 LLAMA_ERROR_TYPES = {401: "authentication_error", 404: "not_found_error", 429: "unavailable_error",
                      501: "not_supported_error", 503: "unavailable_error"}
 
@@ -59,7 +63,8 @@ LLAMA_ERROR_TYPES = {401: "authentication_error", 404: "not_found_error", 429: "
 def create_app(loaded_model: LoadedModel, **settings) -> FastAPI:
     """The app for one loaded model; keyword arguments are `ServerSettings` fields (core.py):
     model_name, api_key, max_batch, max_queue, max_seq_len, prefix_cache_tokens, num_draft,
-    max_body_bytes, request_timeout_s, cors_origins, retry_after_s."""
+    max_body_bytes, request_timeout_s, cors_origins, retry_after_s, repo, repo_refresh_s
+    (`repo`: retrieve context from that repository for /infill and Tabby, repo_context.py)."""
     state = ServerState(loaded_model, ServerSettings(**settings))
 
     @asynccontextmanager
@@ -73,7 +78,8 @@ def create_app(loaded_model: LoadedModel, **settings) -> FastAPI:
     app = FastAPI(title="starcoder2", version=__version__, lifespan=lifespan,
                   description="StarCoder2 code completion: OpenAI, TGI, llama.cpp and Tabby APIs.")
     app.state.server = state
-    for module in (openai, tgi, llamacpp, tabby):
+    app.openapi = lambda: openapi_doc.document(app, family)  # the errors really sent
+    for module in (openai, chat, tgi, llamacpp, tabby):
         app.include_router(module.router)
     app.include_router(_utility_routes())
     app.add_exception_handler(APIError, _api_error)
@@ -235,7 +241,11 @@ def _utility_routes():
     async def metrics(request: HTTPRequest) -> PlainTextResponse:
         state: ServerState = request.app.state.server
         e = state.engine
-        text = state.metrics.render(queue_depth=len(e.waiting), running=len(e.running), in_flight=state.in_flight)
+        cached = e.prefix_cache.tokens if e.prefix_cache is not None else 0
+        k = e.cache.k  # (L, B, n_kv_head, S, head_dim): K and V bytes per cached token, all layers
+        text = state.metrics.render(queue_depth=len(e.waiting), running=len(e.running), in_flight=state.in_flight,
+                                    prefix_cache_tokens=cached,
+                                    prefix_cache_bytes=cached * 2 * k.shape[0] * k.shape[2] * k.shape[4] * k.element_size())
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @router.get("/v1/models")

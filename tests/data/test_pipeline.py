@@ -3,7 +3,6 @@
 import gzip
 import inspect
 import json
-import textwrap
 
 import numpy as np
 import pytest
