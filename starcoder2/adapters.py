@@ -31,7 +31,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .checkpoint import TOKENIZER_FILES, CheckpointError, hf_to_native, native_to_hf
+from .checkpoint import TOKENIZER_FILES, CheckpointError, hf_to_native, native_to_hf, swap_in
 from .model import StarCoder2
 
 CONFIG_FILE = "adapter_config.json"
@@ -230,16 +230,7 @@ def save_adapter(pairs: dict[str, tuple[torch.Tensor, torch.Tensor]], config: Ad
         for name in TOKENIZER_FILES if tokenizer_dir is not None else ():
             if (Path(tokenizer_dir) / name).is_file():
                 shutil.copy2(Path(tokenizer_dir) / name, tmp / name)
-        umask = os.umask(0)  # mkdtemp made the directory private (0700): ordinary permissions
-        os.umask(umask)
-        tmp.chmod(0o777 & ~umask)
-        old = out.with_name(f".{out.name}.old") if out.exists() else None
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-            out.rename(old)
-        tmp.rename(out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        swap_in(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -29,8 +29,8 @@ from starlette.requests import Request as HTTPRequest
 
 from .. import __version__
 from ..chat import ChatTemplate, ChatTemplateError, chat_prompt, chat_stop_ids, find_chat_template, no_chat_template
-from .core import APIError, EventStream, Generation, ServerState, error_status, seed_of, sse, stream_error
-from .openai import FINISH
+from .core import APIError, EventStream, Generation, ServerState, seed_of, sse
+from .openai import FINISH, stream_error_event
 from .schemas import MAX_N, MAX_STOP, StreamOptions, _Body
 
 router = APIRouter()
@@ -172,9 +172,7 @@ async def _stream(body: ChatCompletionRequest, gen: Generation, prompt_tokens: i
             if ev.finished:
                 yield chunk(i, {}, FINISH.get(gen.choices[i].reason, "stop"))
     except Exception as e:  # the status line is gone: report in-band, then end the stream
-        status = error_status(e)
-        yield sse({"error": {"message": stream_error(e), "param": None, "code": getattr(e, "code", None),
-                             "type": "invalid_request_error" if status < 500 else "server_error"}})
+        yield stream_error_event(e)
         return
     if body.stream_options is not None and body.stream_options.include_usage:
         yield sse({**base, "object": "chat.completion.chunk", "choices": [], "usage": _usage(gen, prompt_tokens)})

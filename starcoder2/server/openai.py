@@ -35,6 +35,13 @@ from .schemas import MAX_STOP, AnyCompletionRequest, CompletionRequest, Generate
 DEFAULT_MAX_TOKENS = 16  # OpenAI's
 FINISH = {"eos": "stop", "stop": "stop", "length": "length", "limit": "length", "cancelled": "length"}
 
+
+def stream_error_event(e: Exception) -> str:
+    """An error after the 200 was sent, as the last event of an OpenAI stream (completions and chat)."""
+    status = error_status(e)
+    return sse({"error": {"message": stream_error(e), "param": None, "code": getattr(e, "code", None),
+                          "type": "invalid_request_error" if status < 500 else "server_error"}})
+
 router = APIRouter()
 
 
@@ -215,9 +222,7 @@ async def _stream(state: ServerState, body: CompletionRequest, gen: Generation, 
             if ev.text or lp is not None:
                 yield chunk(i, ev.text, logprobs=lp)
     except Exception as e:  # the status line is gone: report in-band, then end the stream
-        status = error_status(e)
-        yield sse({"error": {"message": stream_error(e), "param": None, "code": getattr(e, "code", None),
-                             "type": "invalid_request_error" if status < 500 else "server_error"}})
+        yield stream_error_event(e)
         return
     if body.stream_options is not None and body.stream_options.include_usage:
         yield sse({**base, "choices": [], "usage": _usage(gen, prompts)})
