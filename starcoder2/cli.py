@@ -168,9 +168,7 @@ def cmd_convert(args: argparse.Namespace) -> None:
     else:
         dtype = stored_dtype(src) if args.dtype == "keep" else resolve_dtype(args.dtype)
         model, _ = load_model(src, dtype)
-        # an adapter saved with its tokenizer (finetune does; an SFT run's carries its chat template) wins
-    tokenizer_dir = args.adapter if (Path(args.adapter) / "tokenizer.json").is_file() else src
-    save_model(model, out, max_shard_size=args.max_shard_size, tokenizer_dir=tokenizer_dir)
+        save_model(model, out, max_shard_size=args.max_shard_size, tokenizer_dir=src)
     print(f"wrote {out}")
 
 

@@ -186,6 +186,17 @@ def _probe(isolation: str) -> _Plan | None:
     return None
 
 
+def _below_tmp(python: str) -> list[str]:
+    """The interpreter's directories that bwrap's private /tmp would hide (a venv in a checkout under
+    /tmp, as CI clones can be): bound back read-only, so programs run where the harness runs."""
+    prefixes = {os.path.dirname(os.path.dirname(os.path.abspath(python))),  # a venv's root
+                os.path.dirname(os.path.dirname(os.path.realpath(python)))}  # the installation it links to
+    if os.path.realpath(python) == os.path.realpath(sys.executable):
+        prefixes |= {sys.prefix, sys.base_prefix}
+    found = sorted(p for p in map(os.path.realpath, prefixes) if p.startswith("/tmp/"))
+    return [p for p in found if not any(p.startswith(q + "/") for q in found)]  # outermost only
+
+
 def _interpreters() -> list[str]:
     """Interpreters other uids can execute: the harness's own first, then the system python3."""
     found = []
@@ -322,7 +333,8 @@ def _launch(program: str, workdir: str, limits: SandboxLimits, plan: _Plan, uid:
     if plan.isolation == "bwrap":
         argv = [shutil.which("bwrap"), "--unshare-all", *([] if limits.isolate_network else ["--share-net"]),
                 "--die-with-parent", "--new-session", "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc",
-                "--size", str(limits.file_size_mb << 20), "--tmpfs", "/tmp", "--bind", workdir, workdir,
+                "--size", str(limits.file_size_mb << 20), "--tmpfs", "/tmp",
+                *(arg for d in _below_tmp(plan.python) for arg in ("--ro-bind", d, d)), "--bind", workdir, workdir,
                 "--chdir", workdir, "--", *argv]
     env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": workdir, "TMPDIR": workdir,
            "PYTHONHASHSEED": "0", "PYTHONSAFEPATH": "1", "OMP_NUM_THREADS": "1"}

@@ -315,3 +315,19 @@ def test_limits_are_validated():
         SandboxLimits(timeout_s=0)
     with pytest.raises(ValueError):
         run_program("pass", isolation="docker")
+
+
+@pytest.mark.skipif("bwrap" not in sandbox.isolation_modes(), reason="bubblewrap is not installed or does not work here")
+def test_bwrap_runs_an_interpreter_that_lives_under_tmp(tmp_path):
+    """bwrap gives programs a private /tmp; a venv under /tmp (a CI clone there) is bound back in, so
+    programs run with the harness's own interpreter and packages, not a fallback python3."""
+    import venv
+
+    assert str(tmp_path).startswith("/tmp/")
+    venv.EnvBuilder(with_pip=False, symlinks=True).create(tmp_path / "venv")
+    python = str(tmp_path / "venv" / "bin" / "python")
+    assert sandbox._below_tmp(python) == [os.path.realpath(tmp_path / "venv")]
+    code = "import sys; print(sys.prefix)"
+    result = sandbox._run(code, SandboxLimits(timeout_s=30.0), sandbox._Plan("bwrap", python, False))
+    assert result.status == "passed", result.stderr
+    assert result.stdout.strip() == str(tmp_path / "venv")
