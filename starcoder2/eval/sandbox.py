@@ -13,7 +13,8 @@ Every program gets, in this order of strength:
   (so RLIMIT_NPROC actually binds, the program cannot signal or write to the harness's files, and
   after the run `kill(-1)` as that uid removes every process it left, including ones that escaped
   the process group with setsid, and its files at the top of /tmp, /var/tmp and /dev/shm go too);
-- isolation "bwrap" when bubblewrap is installed and works: read-only root filesystem, private /tmp,
+- isolation "bwrap" when bubblewrap is installed and works: read-only root filesystem, private /tmp
+  (the Python environments bound back read-only where they live under it),
   new PID, IPC, UTS, user and network namespaces, killed with its parent;
 - isolation "netns" otherwise, when a new network namespace can be created (root, or an unprivileged
   user namespace): the program sees only a loopback interface that is down: no network at all;
@@ -187,12 +188,12 @@ def _probe(isolation: str) -> _Plan | None:
 
 
 def _below_tmp(python: str) -> list[str]:
-    """The interpreter's directories that bwrap's private /tmp would hide (a venv in a checkout under
-    /tmp, as CI clones can be): bound back read-only, so programs run where the harness runs."""
+    """Directories that bwrap's private /tmp would hide and programs may need: the interpreter's (a
+    venv in a checkout under /tmp, as CI clones can be) and the harness's environment (eval repo puts
+    its pytest on PYTHONPATH). Bound back read-only; they are readable outside bwrap anyway."""
     prefixes = {os.path.dirname(os.path.dirname(os.path.abspath(python))),  # a venv's root
-                os.path.dirname(os.path.dirname(os.path.realpath(python)))}  # the installation it links to
-    if os.path.realpath(python) == os.path.realpath(sys.executable):
-        prefixes |= {sys.prefix, sys.base_prefix}
+                os.path.dirname(os.path.dirname(os.path.realpath(python))),  # the installation it links to
+                sys.prefix, sys.base_prefix}
     found = sorted(p for p in map(os.path.realpath, prefixes) if p.startswith("/tmp/"))
     return [p for p in found if not any(p.startswith(q + "/") for q in found)]  # outermost only
 

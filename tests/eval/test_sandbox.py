@@ -326,7 +326,7 @@ def test_bwrap_runs_an_interpreter_that_lives_under_tmp(tmp_path):
     assert str(tmp_path).startswith("/tmp/")
     venv.EnvBuilder(with_pip=False, symlinks=True).create(tmp_path / "venv")
     python = str(tmp_path / "venv" / "bin" / "python")
-    assert sandbox._below_tmp(python) == [os.path.realpath(tmp_path / "venv")]
+    assert os.path.realpath(tmp_path / "venv") in sandbox._below_tmp(python)
     code = "import sys; print(sys.prefix)"
     result = sandbox._run(code, SandboxLimits(timeout_s=30.0), sandbox._Plan("bwrap", python, False))
     assert result.status == "passed", result.stderr
