@@ -427,10 +427,13 @@ def _add_eval_repo_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--test-timeout", type=float, default=120.0, help="seconds per test run (default 120)")
     g.add_argument("--index", help="index database (default: the index's own location)")
     g.add_argument("--plot", help="write a bar chart (mode x kind) to this image")
+    g.add_argument("--baseline", nargs="?", const="", metavar="MODEL",
+                   help="before and after in one report: also evaluate MODEL (default: --model without --adapter) "
+                   "on the same cursors, with the held-out loss of both")
 
 
 def _eval_repo(args: argparse.Namespace) -> None:
-    from .eval.repobench import RepoBenchSettings, evaluate_repo, markdown_table, plot
+    from .eval.repobench import RepoBenchSettings, before_after, before_after_table, evaluate_repo, markdown_table, plot
     from .eval.runner import write_json
     if not args.repo:
         raise ValueError("eval repo needs the repository: starcoder2 eval repo PATH")
@@ -441,16 +444,31 @@ def _eval_repo(args: argparse.Namespace) -> None:
                                  kinds=tuple(filter(None, args.kinds.split(","))), holdout=args.holdout,
                                  budget=args.budget, batch_size=args.batch_size, tests=not args.no_tests,
                                  test_cmd=args.test_cmd, test_timeout_s=args.test_timeout, workers=args.workers)
-    lm = _load(args)
-    report = evaluate_repo(args.repo, lm=lm, settings=settings, results=args.results, model_name=str(lm.path),
-                           index_path=args.index, progress=not args.quiet,
-                           log=lambda m: print(m, file=sys.stderr))
+    log = lambda m: print(m, file=sys.stderr)  # noqa: E731
+
+    def run(model_args: argparse.Namespace, results: str | None) -> dict:
+        lm = _load(model_args)  # one model in memory at a time
+        name = str(lm.path) + (f" + adapter {model_args.adapter}" if model_args.adapter else "")
+        return evaluate_repo(args.repo, lm=lm, settings=settings, results=results, model_name=name,
+                             index_path=args.index, progress=not args.quiet, log=log)
+
+    before = None
+    if args.baseline is not None:
+        if not args.baseline and not args.adapter:
+            raise ValueError("--baseline with no MODEL compares --model with and without --adapter: give --adapter "
+                             "(or --baseline MODEL, e.g. the base of a full fine-tuning)")
+        base = argparse.Namespace(**{**vars(args), "model": args.baseline or args.model, "adapter": None})
+        before = run(base, f"{args.results}.baseline" if args.results else None)
+    report = after = run(args, args.results)
+    if before is not None:
+        report = before_after(before, after)
     if args.output:
         write_json(args.output, report)
     if args.plot:
-        plot([report], args.plot)
+        plot([after] if before is None else [{**before, "repo_name": f"{before['repo_name']} before"},
+                                             {**after, "repo_name": f"{after['repo_name']} after"}], args.plot)
         print(f"wrote {args.plot}", file=sys.stderr)
-    print(markdown_table(report))
+    print(markdown_table(report) if before is None else before_after_table(report))
 
 
 def _eval_perplexity(args: argparse.Namespace) -> None:

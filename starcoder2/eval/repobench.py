@@ -37,6 +37,10 @@ sandbox may run programs on the system python3. Completions equal to the target 
 run; runs are cached per file content. If the untouched repository fails its own tests, no test
 results are reported.
 
+Held-out loss: the model's next-token loss over the held-out files (each in its own windows of
+`loss_seq_len` tokens). Before and after fine-tuning: `before_after` joins two runs on the same
+cursors into one report (`eval repo --baseline`); `finetune --repo` holds out the same files.
+
 Results go to a JSONL file line by line (a rerun skips what is there, as eval/runner.py).
 Not covered: sampled decoding, cursor positions inside comments or docstrings, languages other
 than Python for the block kinds' statement boundaries.
@@ -49,6 +53,7 @@ import base64
 import hashlib
 import importlib.util
 import io
+import math
 import os
 import random
 import time
@@ -97,6 +102,7 @@ class RepoBenchSettings:
     test_cmd: str | None = None  # shell command in the repository copy; None: pytest when there are tests
     test_timeout_s: float = 120.0
     workers: int | None = None  # sandbox processes (None: the sandbox's default)
+    loss_seq_len: int = 512  # held-out loss over the held-out files in windows of this many tokens; 0: none
 
     def __post_init__(self) -> None:
         self.modes, self.kinds = tuple(self.modes), tuple(self.kinds)
@@ -111,13 +117,13 @@ class RepoBenchSettings:
             raise ValueError(f"--holdout must be in (0, 1], got {self.holdout}")
         if self.budget < 64:
             raise ValueError(f"the prompt budget must be >= 64 tokens, got {self.budget}")
-        if self.batch_size < 1 or self.test_timeout_s <= 0:
-            raise ValueError("batch size and test timeout must be positive")
+        if self.batch_size < 1 or self.test_timeout_s <= 0 or self.loss_seq_len < 0:
+            raise ValueError("batch size and test timeout must be positive, the loss window not negative")
 
     def run_key(self) -> dict:
         """What makes two runs comparable (a results file holds one run)."""
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()
-                if k not in ("batch_size", "workers")}  # lists: as the results file's JSON reads back
+                if k not in ("batch_size", "workers", "loss_seq_len")}  # lists: as the results file's JSON reads back
 
 
 @dataclass(frozen=True)
@@ -547,8 +553,10 @@ def evaluate_repo(root: str | Path, *, lm, settings: RepoBenchSettings | None = 
     keys = {f"{m}|{c.id}" for c in cursors for m in settings.modes}
     records = [r for (tid, _), r in store.records.items() if tid in keys]
     report = score(records, settings)
-    report.update(repo=str(root), repo_name=repo_name, files=len(files), files_sha256=digest,
-                  held_out_files=held_out(sorted(files), settings.holdout, settings.seed),
+    held = held_out(sorted(files), settings.holdout, settings.seed)
+    if settings.loss_seq_len:
+        report["held_out_loss"] = held_out_loss(lm, [files[p] for p in held], settings.loss_seq_len)
+    report.update(repo=str(root), repo_name=repo_name, files=len(files), files_sha256=digest, held_out_files=held,
                   cursors=len(cursors), model=model_name, settings=settings.run_key(), test_command=command,
                   tests_baseline=baseline, results_file=str(results) if results else None,
                   elapsed_s=round(time.perf_counter() - t0, 2))
@@ -556,6 +564,55 @@ def evaluate_repo(root: str | Path, *, lm, settings: RepoBenchSettings | None = 
 
 
 # ---- scoring and output -------------------------------------------------------------------------------
+
+
+def held_out_loss(lm, texts: list[str], seq_len: int) -> dict:
+    """Next-token loss of `lm` over the held-out files, each cut into its own windows of seq_len."""
+    import numpy as np
+
+    from .tasks import text_windows, windows_nll
+
+    seq_len = min(seq_len, lm.config.max_position_embeddings)
+    windows = [w for t in texts for w in text_windows(np.asarray(lm.tokenizer.encode(t), dtype=np.int64), seq_len)]
+    if not windows:
+        return {"loss": None, "tokens": 0, "seq_len": seq_len}
+    nll, tokens = windows_nll(lm.model, windows)
+    n_bytes = sum(len(t.encode("utf-8")) for t in texts)
+    return {"loss": nll / tokens, "bits_per_byte": nll / math.log(2) / n_bytes, "tokens": tokens,
+            "windows": len(windows), "seq_len": seq_len}
+
+
+def before_after(before: dict, after: dict) -> dict:
+    """One report from two runs on the same cursors: the base model, then the fine-tuned one."""
+    for key in ("files_sha256", "settings", "cursors"):
+        if before.get(key) != after.get(key):
+            raise ValueError(f"before and after differ in {key}: they must evaluate the same cursors")
+    return {"task": "repo-before-after", "repo": after["repo"], "repo_name": after["repo_name"],
+            "held_out_files": after["held_out_files"], "before": before, "after": after}
+
+
+def before_after_table(report: dict) -> str:
+    """Per (mode, kind): each metric before -> after; then the held-out loss."""
+    before, after = report["before"], report["after"]
+
+    def pair(a: float | None, b: float | None) -> str:
+        return f"{_fmt(a)} → {_fmt(b)}"
+
+    head = ["mode", "kind", "n", "exact match", "edit sim", "identifier F1", "tests pass"]
+    lines = [f"before: {before.get('model')}", f"after:  {after.get('model')}", "",
+             "| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    for mode, kinds in after["metrics"].items():
+        for kind, m in kinds.items():
+            b = before["metrics"][mode][kind]
+            lines.append(f"| {mode} | {kind} | {m['n']} | " + " | ".join(
+                pair(b[k], m[k]) for k in ("exact_match", "edit_similarity", "identifier_f1", "tests_pass")) + " |")
+    lb, la = before.get("held_out_loss"), after.get("held_out_loss")
+    if lb and la and lb["loss"] is not None and la["loss"] is not None:
+        change = 100 * (la["loss"] - lb["loss"]) / lb["loss"]
+        lines += ["", f"held-out loss (nats/token; {la['tokens']:,} tokens of {len(report['held_out_files'])} files, "
+                      f"windows of {la['seq_len']}): {lb['loss']:.4f} → {la['loss']:.4f} ({change:+.1f}%); "
+                      f"bits per byte {lb['bits_per_byte']:.4f} → {la['bits_per_byte']:.4f}"]
+    return "\n".join(lines)
 
 
 def _mean(values: list[float]) -> float | None:

@@ -427,6 +427,31 @@ def _difftest_main(truth, candidate, inputs_json, entry_point, atol, dataset, ta
 # ---- perplexity ---------------------------------------------------------------------------------
 
 
+def text_windows(ids, seq_len: int) -> list:
+    """(N,) token ids -> windows of seq_len + 1 ids that share one id with the next (the last may be
+    shorter): every id after the first is predicted exactly once."""
+    return [ids[i: i + seq_len + 1] for i in range(0, len(ids) - 1, seq_len)]
+
+
+def windows_nll(model, windows: list, batch_size: int = 4) -> tuple[float, int]:
+    """Summed next-token loss (nats) over the windows, and how many tokens it covers."""
+    import torch
+    import torch.nn.functional as F
+
+    device = next(model.parameters()).device
+    total_nll, total_tokens = 0.0, 0
+    with torch.inference_mode():
+        for start in range(0, len(windows), batch_size):
+            group = windows[start:start + batch_size]
+            for T in sorted({len(w) for w in group}):  # equal lengths batch together (only a last window differs)
+                rows = torch.tensor([list(w) for w in group if len(w) == T], device=device)  # (B, T)
+                logits = model(rows[:, :-1]).float()  # (B, T-1, V)
+                nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), rows[:, 1:].reshape(-1), reduction="sum")
+                total_nll += float(nll)
+                total_tokens += rows[:, 1:].numel()
+    return total_nll, total_tokens
+
+
 def load_perplexity_windows(source: str | Path, tokenizer, seq_len: int, limit: int | None = None):
     """Token windows of seq_len + 1 ids (consecutive windows share one id) from a prepared data
     directory's `valid` split or a UTF-8 text file. Returns (windows, n_bytes or None)."""
@@ -446,7 +471,7 @@ def load_perplexity_windows(source: str | Path, tokenizer, seq_len: int, limit: 
     elif source.is_file():
         text = source.read_text(encoding="utf-8")
         ids = np.asarray(tokenizer.encode(text), dtype=np.int64)
-        windows = [ids[i: i + seq_len + 1] for i in range(0, len(ids) - 1, seq_len)]  # the last may be shorter
+        windows = text_windows(ids, seq_len)
         windows = windows if limit is None else windows[:limit]
         covered = sum(len(w) - 1 for w in windows)
         n_bytes = len(text.encode("utf-8")) if covered == len(ids) - 1 else None  # bits/byte over the whole file only
@@ -460,22 +485,9 @@ def load_perplexity_windows(source: str | Path, tokenizer, seq_len: int, limit: 
 def perplexity(model, tokenizer, source: str | Path, seq_len: int = 1024, limit: int | None = None,
                batch_size: int = 4) -> dict:
     """Mean next-token loss (nats), perplexity, bits per token (and per byte for a whole text file)."""
-    import torch
-    import torch.nn.functional as F
-
     seq_len = min(seq_len, model.config.max_position_embeddings)
     windows, n_bytes = load_perplexity_windows(source, tokenizer, seq_len, limit)
-    device = next(model.parameters()).device
-    total_nll, total_tokens = 0.0, 0
-    with torch.inference_mode():
-        for start in range(0, len(windows), batch_size):
-            group = windows[start:start + batch_size]
-            for T in sorted({len(w) for w in group}):  # equal lengths batch together (only a last window differs)
-                rows = torch.tensor([w.tolist() for w in group if len(w) == T], device=device)  # (B, T)
-                logits = model(rows[:, :-1]).float()  # (B, T-1, V)
-                nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), rows[:, 1:].reshape(-1), reduction="sum")
-                total_nll += float(nll)
-                total_tokens += rows[:, 1:].numel()
+    total_nll, total_tokens = windows_nll(model, windows, batch_size)
     loss = total_nll / total_tokens
     out = {"source": str(source), "windows": len(windows), "seq_len": seq_len, "tokens": total_tokens,
            "loss": loss, "perplexity": math.exp(min(loss, 700.0)), "bits_per_token": loss / math.log(2)}

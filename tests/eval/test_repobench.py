@@ -177,7 +177,7 @@ def test_a_model_that_answers_the_target_scores_one(repo, monkeypatch, tmp_path,
     from types import SimpleNamespace
 
     monkeypatch.setattr(repobench, "generate", _oracle(repo, lambda t: t + "\n\n\nMORE = 1\n"))
-    settings = RepoBenchSettings(n=3, holdout=1.0, tests=True)
+    settings = RepoBenchSettings(n=3, holdout=1.0, tests=True, loss_seq_len=0)
     lm = SimpleNamespace(tokenizer=tiny_tokenizer)
     report = repobench.evaluate_repo(repo, lm=lm, settings=settings, progress=False, log=lambda m: None,
                                      index_path=tmp_path / "i.sqlite")
@@ -193,7 +193,7 @@ def test_wrong_completions_fail_the_repository_tests(repo, monkeypatch, tmp_path
     from types import SimpleNamespace
 
     monkeypatch.setattr(repobench, "generate", _oracle(repo, lambda t: "assert False"))
-    settings = RepoBenchSettings(n=2, holdout=1.0, kinds=("function",), modes=("file",), workers=2)
+    settings = RepoBenchSettings(n=2, holdout=1.0, kinds=("function",), modes=("file",), workers=2, loss_seq_len=0)
     runs, run_many = [], repobench.run_many
     monkeypatch.setattr(repobench, "run_many", lambda programs, *a, **kw: runs.extend(programs) or run_many(programs, *a, **kw))
     lm = SimpleNamespace(tokenizer=tiny_tokenizer)
@@ -237,3 +237,14 @@ def test_embedded_model_run_is_reproducible_and_resumes(repo, tmp_path, monkeypa
     assert fresh["metrics"] == report["metrics"]  # greedy and seeded: the same numbers
     repobench.plot([report, fresh], tmp_path / "plot.png")
     assert (tmp_path / "plot.png").stat().st_size > 1000
+    # the held-out loss is `eval perplexity`'s over the held-out files, each file windowed alone
+    from starcoder2.eval.tasks import perplexity
+    per_file = [perplexity(lm.model, lm.tokenizer, repo / p, seq_len=512) for p in report["held_out_files"]]
+    loss = report["held_out_loss"]
+    assert loss["tokens"] == sum(r["tokens"] for r in per_file)
+    assert loss["loss"] == pytest.approx(sum(r["loss"] * r["tokens"] for r in per_file) / loss["tokens"], rel=1e-9)
+    both = repobench.before_after(report, fresh)
+    table = repobench.before_after_table(both)
+    assert "held-out loss" in table and "(+0.0%)" in table
+    with pytest.raises(ValueError, match="same cursors"):
+        repobench.before_after(report, {**fresh, "cursors": fresh["cursors"] + 1})

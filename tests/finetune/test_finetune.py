@@ -78,6 +78,26 @@ def test_held_out_files_are_those_eval_repo_samples_from(lora_run, repo):
     assert set(valid) == {c.path for c in sample_cursors(code, RepoBenchSettings(holdout=HOLDOUT, seed=0, n=500))}
 
 
+def test_eval_repo_baseline_reports_before_and_after_on_the_held_out_files(lora_run, repo, tiny_checkpoint,
+                                                                          tmp_path, capsys):
+    adapter, out = Path(lora_run.out) / "adapter", tmp_path / "before_after.json"
+    assert cli.main(["eval", "repo", str(repo), "--model", str(tiny_checkpoint), "--adapter", str(adapter), "--baseline",
+                     "--holdout", str(HOLDOUT), "--n", "2", "--kinds", "single", "--modes", "file", "--no-tests",
+                     "--budget", "160", "--dtype", "fp32", "--index", str(tmp_path / "i.sqlite"), "-q", "-o", str(out)]) == 0
+    report = json.loads(out.read_text())
+    files = json.loads((Path(lora_run.out) / "data" / "manifest.json").read_text())["files"]
+    assert report["held_out_files"] == sorted(f["path"] for f in files if f["split"] == "valid")
+    before, after = report["before"], report["after"]
+    assert before["model"] == str(tiny_checkpoint) and after["model"].endswith(f"+ adapter {adapter}")
+    assert before["cursors"] == after["cursors"] == 2
+    assert before["held_out_loss"]["tokens"] == after["held_out_loss"]["tokens"] > 0
+    assert before["held_out_loss"]["loss"] != after["held_out_loss"]["loss"]  # the adapter changed the model
+    table = capsys.readouterr().out
+    assert "| file | single | 2 |" in table and "→" in table and "held-out loss" in table
+    assert cli.main(["eval", "repo", str(repo), "--model", str(tiny_checkpoint), "--baseline"]) == 1  # no adapter
+    assert "--adapter" in capsys.readouterr().err
+
+
 def test_lora_run_leaves_a_peft_adapter_and_adapter_only_checkpoints(lora_run, tiny_checkpoint):
     out = Path(lora_run.out)
     adapter = out / "adapter"
