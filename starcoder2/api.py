@@ -185,7 +185,7 @@ def load(path_or_id: str | os.PathLike | None = None, dtype: str | torch.dtype |
          device: str | torch.device | None = None, quantize: str | None = None,
          group_size: int = 128, adapter: str | os.PathLike | None = None) -> LoadedModel:
     """Load a checkpoint (directory, hub id from the local HF cache, or None for the default model).
-    dtype: "fp32" | "bf16" | "fp16" (default bf16); device: "cpu" | "cuda" (default: CUDA when present);
+    dtype: "fp32" | "bf16" | "fp16" (default: bf16 where the hardware multiplies it fast, else fp32); device: "cpu" | "cuda" (default: CUDA when present);
     quantize: None | "int8" | "int4" (weight-only; activations in bf16 unless dtype says otherwise);
     adapter: a LoRA adapter directory (PEFT format), merged into the weights at load."""
     path = resolve(path_or_id) if path_or_id is not None else default_model_path()

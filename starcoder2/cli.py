@@ -17,7 +17,8 @@ from . import __version__
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", "-m", help="checkpoint directory or hub id in the local HF cache "
                    "(default: $STARCODER2_MODEL, else the embedded model)")
-    p.add_argument("--dtype", default="auto", help="fp32 | bf16 | fp16 (default: bf16)")
+    p.add_argument("--dtype", default="auto", help="fp32 | bf16 | fp16 (default: bf16 where the hardware multiplies "
+                   "bf16 fast, else fp32)")
     p.add_argument("--device", default="auto", help="cpu | cuda (default: cuda when present)")
     p.add_argument("--quantize", choices=["int8", "int4"], help="weight-only quantization at load")
     p.add_argument("--adapter", help="LoRA adapter directory (PEFT format), merged into the weights at load")
@@ -637,7 +638,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "--sft: of the examples)")
     p.add_argument("--fim-rate", type=float, default=0.5, help="fraction of documents FIM-transformed (default 0.5)")
     p.add_argument("--data-config", help="JSON or TOML with DataConfig fields (licence, PII, dedup; as data prepare)")
-    p.add_argument("--dtype", default="bf16", help="bf16 | fp32 (default bf16: autocast; LoRA base stored bf16)")
+    p.add_argument("--dtype", default="auto", help="auto | bf16 | fp32: autocast dtype, and a LoRA base is stored in "
+                   "it (default auto: bf16 where the hardware multiplies bf16 fast, else fp32)")
     p.add_argument("--parallel", choices=("ddp", "fsdp"), default="ddp", help="under torchrun (fsdp: --full only)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/latest")
@@ -710,7 +712,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compare", help="models or precisions side by side: size, memory, load, TTFT, tok/s, "
                        "pass@1, FIM exact match")
     p.add_argument("models", nargs="+", metavar="M", help="PATH[:int8|int4|fp32|bf16|fp16]")
-    p.add_argument("--dtype", default="auto", help="dtype where M names none (default: bf16)")
+    p.add_argument("--dtype", default="auto", help="dtype where M names none (default: bf16 where fast, else fp32)")
     p.add_argument("--device", default="auto", help="cpu | cuda (default: cuda when present)")
     p.add_argument("--limit", type=int, default=10, help="HumanEval problems and infilling holes (default 10)")
     p.add_argument("--data", help="benchmarks folder, for FIM exact match")

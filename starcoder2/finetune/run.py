@@ -32,7 +32,7 @@ from ..checkpoint import load_model
 from ..data.fim import FIMConfig
 from ..data.ingest import repository_files
 from ..data.pipeline import DataConfig, prepare
-from ..device import resolve_device
+from ..device import autocast_dtype, resolve_device
 from ..eval.repobench import held_out, language_of
 from ..tokenizer import Tokenizer
 from ..train.config import TrainConfig
@@ -66,7 +66,7 @@ class FinetuneConfig:
     log_every: int = 10
     seed: int = 0
     fim: FIMConfig = field(default_factory=FIMConfig)
-    dtype: str = "bf16"  # autocast dtype; a LoRA base is also stored in it ("fp32": fp32 everything)
+    dtype: str = "auto"  # autocast dtype (train/config.py); a LoRA base is also stored in it (fp32 without autocast)
     parallel: str = "ddp"
     threads: int | None = None
 
@@ -100,9 +100,9 @@ class FinetuneConfig:
 def lora_hooks(config: FinetuneConfig, data: Path) -> TrainHooks:
     """Base frozen in the run's dtype, fp32 adapters, adapter-only checkpoints, OUT/adapter at the end."""
     adapter = config.adapter_config()
-    base_dtype = torch.float32 if config.dtype == "fp32" else torch.bfloat16
 
     def build(train_config: TrainConfig, tok: Tokenizer, device: torch.device) -> torch.nn.Module:
+        base_dtype = autocast_dtype(config.dtype, device) or torch.float32
         model, _ = load_model(train_config.init_from, dtype=base_dtype, device=device)
         return inject_lora(model, adapter)
 

@@ -14,16 +14,14 @@ import os
 import sys
 from pathlib import Path
 
+from ..device import cpu_flags
+
 SOURCE = Path(__file__).with_name("cpu_linear.cpp")
 REQUIRED_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16", "avx512_vnni")
 
 
 def cpu_supported() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text().split("flags", 2)[1].split("\n", 1)[0].split()
-    except (OSError, IndexError):
-        return False
-    return all(f in flags for f in REQUIRED_FLAGS)
+    return all(f in cpu_flags() for f in REQUIRED_FLAGS)
 
 
 @functools.cache

@@ -29,7 +29,7 @@ class TrainConfig:
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = 1e-8
     clip: float = 1.0
-    dtype: str = "bf16"  # autocast dtype ("bf16" | "fp16" | "fp32"); master weights stay fp32
+    dtype: str = "auto"  # autocast dtype ("bf16" | "fp16" | "fp32" | "auto": bf16 where fast); master weights fp32
     seed: int = 0
     fim: FIMConfig = field(default_factory=FIMConfig)
     eval_every: int = 200
@@ -51,8 +51,8 @@ class TrainConfig:
         self.betas = tuple(self.betas)
         if self.parallel not in ("ddp", "fsdp"):
             raise ValueError(f"parallel must be 'ddp' or 'fsdp', got {self.parallel!r}")
-        if self.dtype not in ("bf16", "fp16", "fp32"):
-            raise ValueError(f"dtype must be bf16, fp16 or fp32, got {self.dtype!r}")
+        if self.dtype not in ("auto", "bf16", "fp16", "fp32"):
+            raise ValueError(f"dtype must be auto, bf16, fp16 or fp32, got {self.dtype!r}")
         for name in ("seq_len", "batch_size", "grad_accum", "max_steps", "log_every", "eval_every", "save_every"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")

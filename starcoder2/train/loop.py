@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from ..checkpoint import load_model, save_model
 from ..data.loader import IGNORE_INDEX, BatchLoader, PackedWindows, open_shards
-from ..device import resolve_device
+from ..device import autocast_dtype, resolve_device
 from ..model import StarCoder2
 from ..tokenizer import Tokenizer
 from .config import TrainConfig
@@ -33,7 +33,6 @@ from .state import full_model_state, latest_checkpoint, load_checkpoint, save_ch
 # bf16 matmul peak of the 2-core AVX-512 machines this project is measured on (performance.md);
 # GPUs: the dense bf16 figure of the part. Anything else: pass `peak_flops`.
 KNOWN_PEAK_FLOPS = {"cpu": 385e9, "NVIDIA H100": 989e12, "NVIDIA H200": 989e12, "NVIDIA A100": 312e12}
-AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 
 
 def flops_per_token(model: StarCoder2, seq_len: int) -> float:
@@ -158,7 +157,7 @@ def train(config: TrainConfig, *, resume: bool = False, device: str | None = Non
     elif resume and d.is_main:
         log(f"no checkpoint in {ckpt_dir}: starting from scratch")
 
-    dtype = AUTOCAST[config.dtype]
+    dtype = autocast_dtype(config.dtype, dev)
     def autocast():
         return torch.autocast(dev.type, dtype=dtype) if dtype else contextlib.nullcontext()
 

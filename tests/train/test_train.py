@@ -343,7 +343,7 @@ def test_export_of_a_directory_without_checkpoints_is_a_clear_error(tmp_path):
 
 @pytest.mark.parametrize("changes, message", [
     ({"parallel": "zero3"}, "parallel must be 'ddp' or 'fsdp'"),
-    ({"dtype": "fp8"}, "dtype must be bf16, fp16 or fp32"),
+    ({"dtype": "fp8"}, "dtype must be auto, bf16, fp16 or fp32"),
     ({"seq_len": 0}, "seq_len must be positive"),
     ({"batch_size": -1}, "batch_size must be positive"),
     ({"grad_accum": 0}, "grad_accum must be positive"),
