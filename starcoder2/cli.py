@@ -375,13 +375,20 @@ def cmd_serve(args: argparse.Namespace) -> None:
     settings = {k: v for k, v in (("max_batch", args.max_batch), ("max_queue", args.max_queue),
                                   ("max_seq_len", args.max_seq_len), ("model_name", args.model_name),
                                   ("cors_origins", args.cors_origin or None), ("repo", args.repo),
-                                  ("repo_refresh_s", args.repo_refresh)) if v is not None}
+                                  ("repo_refresh_s", args.repo_refresh), ("num_draft", args.num_draft)) if v is not None}
     if args.repo and not Path(args.repo).is_dir():
         raise ValueError(f"--repo {args.repo}: not a directory")
     import uvicorn
 
     from .server import create_app
-    app = create_app(_load(args), api_key=api_key, **settings)
+    lm = _load(args)
+    draft = None
+    if args.draft_model:
+        from .api import load_for_inference
+        from .checkpoint import resolve
+        draft, _ = load_for_inference(resolve(args.draft_model), lm.model.embed_tokens.weight.dtype, lm.device)
+        settings.setdefault("num_draft", 5)
+    app = create_app(lm, draft_model=draft, api_key=api_key, **settings)
     print(f"starcoder2: serving {app.state.server.lm.path} on http://{args.host}:{args.port}"
           f"{' (API key required)' if api_key else ''}", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, timeout_graceful_shutdown=args.shutdown_timeout)
@@ -679,6 +686,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repo", help="a repository to retrieve context from for /infill and Tabby requests "
                    "(indexed at start, kept fresh; docs/repo.md)")
     p.add_argument("--repo-refresh", type=float, help="seconds between refreshes of the --repo index (default 2)")
+    p.add_argument("--num-draft", type=int, help="speculative decoding for a greedy request running alone: up to N "
+                   "draft tokens per step, output unchanged (default 0: off; 5 with --draft-model)")
+    p.add_argument("--draft-model", help="a smaller checkpoint with the same vocabulary that drafts the tokens "
+                   "(e.g. starcoder2-3b for 15b); without it, drafts come from prompt lookup")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("eval", help="benchmarks: HumanEval(+), MBPP+, HumanEval infilling (pass@k, sandboxed), perplexity")

@@ -72,6 +72,12 @@ class KVCache:
         else:
             self.slot_pos[rows] = -1
 
+    def truncate(self, row: int, length: int) -> None:
+        """Forget a row's positions >= length (a draft model's rejected guesses). Exact unless a ring
+        buffer already overwrote positions that are still inside the window of later queries."""
+        pos = self.slot_pos[row]
+        pos[pos >= length] = -1
+
     def nbytes(self) -> int:
         return self.k.nbytes + self.v.nbytes
 

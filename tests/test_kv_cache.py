@@ -74,3 +74,19 @@ def test_reset_forgets_rows(model):
         model(torch.ones(2, 4, dtype=torch.long), torch.arange(4), cache)
     cache.reset([1])
     assert (cache.slot_pos[1] == -1).all() and (cache.slot_pos[0, :4] == torch.arange(4)).all()
+
+
+@torch.no_grad()
+def test_truncate_forgets_guesses_exactly_within_the_window(model):
+    """A draft model's cache: guesses written at positions 6..9, the target keeps 0..7. After
+    truncate the row attends as if only the kept tokens had ever been written."""
+    cfg = model.config
+    ids = torch.randint(0, cfg.vocab_size, (1, 12))
+    guessed = ids.clone()
+    guessed[0, 8:10] = (ids[0, 8:10] + 1) % cfg.vocab_size  # two wrong guesses
+    cache = KVCache(cfg, 1, 32)  # capacity 16 = the window; 10 positions: no slot reused yet
+    model(guessed[:, :10], torch.arange(10), cache)
+    cache.truncate(0, 8)
+    assert sorted(cache.slot_pos[0][cache.slot_pos[0] >= 0].tolist()) == list(range(8))
+    got = model(ids[:, 8:12], torch.arange(8, 12), cache)
+    torch.testing.assert_close(got, model(ids)[:, 8:12], rtol=0, atol=1e-5)

@@ -89,9 +89,11 @@ class Request:
 
 class Engine:
     def __init__(self, model: StarCoder2, tokenizer: Tokenizer | None = None, max_batch: int = 8,
-                 max_seq_len: int | None = None, prefix_cache_tokens: int = 0, num_draft: int = 0):
-        """num_draft > 0 turns on prompt-lookup speculation (up to that many draft tokens per step)
-        for a greedy request running alone; its output is the same as without speculation."""
+                 max_seq_len: int | None = None, prefix_cache_tokens: int = 0, num_draft: int = 0,
+                 draft_model: StarCoder2 | None = None):
+        """num_draft > 0 turns on speculation (up to that many draft tokens per step) for a greedy
+        request running alone: drafts come from `draft_model` (a smaller model with the same
+        vocabulary), else from prompt lookup. The output is the same as without speculation."""
         cfg = model.config
         param = next(model.parameters())
         self.model, self.tokenizer, self.device = model.eval(), tokenizer, param.device
@@ -100,6 +102,7 @@ class Engine:
         self.cache = KVCache(cfg, max_batch, self.max_seq_len, dtype=param.dtype, device=param.device)
         self.prefix_cache = PrefixCache(prefix_cache_tokens, cfg.sliding_window) if prefix_cache_tokens else None
         self.num_draft = num_draft
+        self.draft = _DraftModel(draft_model, cfg.vocab_size, self.max_seq_len) if draft_model is not None else None
         self.running: list[Request] = []  # running[i] lives in cache row i
         self.waiting: deque[Request] = deque()
         self._ids = itertools.count()
@@ -246,13 +249,17 @@ class Engine:
             self._accept(r, logits[i:i + 1])
 
     def _speculative_step(self, req: Request) -> bool:
-        """Verify prompt-lookup drafts in one forward pass; False when there is nothing to try."""
+        """Verify draft tokens in one forward pass; False when there is nothing to try."""
         p = req.params
         if p.temperature > 0 or req._seen is not None:
             return False
         budget = min(self.num_draft, p.max_new_tokens - len(req.output) - 1,
                      self.max_seq_len - req._pos - 2, self.cache.capacity - 1)
-        draft = prompt_lookup_draft(req.prompt + req.output, max_draft=budget) if budget > 0 else []
+        if budget <= 0:
+            return False
+        # prompt + output: the request's tokens at positions 0.._pos, the last one (_pending) not yet fed
+        draft = (self.draft.propose(req, budget) if self.draft is not None
+                 else prompt_lookup_draft(req.prompt + req.output, max_draft=budget))
         if not draft:
             return False
         tokens = [req._pending] + draft  # positions req._pos .. req._pos + len(draft)
@@ -267,6 +274,8 @@ class Engine:
         preds = logits.argmax(-1).tolist()
         n_ok = next((i for i, d in enumerate(draft) if preds[i] != d), len(draft))
         self.cache.accept(1 + n_ok)  # the fed token and the accepted drafts; rejected ones vanish
+        if self.draft is not None:
+            self.draft.keep(req._pos + 1 + n_ok)
         self.stats["draft_tokens"] += len(draft)
         self.stats["accepted_tokens"] += n_ok
         for i in range(n_ok + 1):  # accepted drafts plus the model's own next token
@@ -340,3 +349,47 @@ class Engine:
                 self.cache.reset([last])
             else:
                 i += 1
+
+
+class _DraftModel:
+    """A small model that guesses the next tokens of the request running alone, greedily, with a
+    one-row KV cache of its own that follows that request (caught up by a prefill when the request
+    changed or ran in a batch meanwhile, cut back to the accepted tokens after each verification).
+    Its guesses only decide how many tokens a step yields: the target model checks every one."""
+
+    def __init__(self, model: StarCoder2, vocab_size: int, max_seq_len: int):
+        if model.config.vocab_size != vocab_size:
+            raise ValueError(f"the draft model has {model.config.vocab_size} embeddings, the model {vocab_size}: "
+                             "speculation needs one vocabulary (e.g. a smaller StarCoder2 for a larger one)")
+        param = next(model.parameters())
+        self.model = model.eval()
+        self.cache = KVCache(model.config, 1, min(max_seq_len, model.config.max_position_embeddings),
+                             dtype=param.dtype, device=param.device)
+        self.request: int | None = None  # the id of the request whose tokens the cache holds
+        self.length = 0  # the cache holds that request's positions 0..length-1
+
+    @torch.inference_mode()
+    def propose(self, req: Request, n: int) -> list[int]:
+        """Up to n greedy guesses for the tokens after position req._pos."""
+        tokens = req.prompt + req.output  # positions 0..req._pos
+        if self.request != req.id:
+            self.cache.reset()
+            self.request, self.length = req.id, 0
+        n = min(n, self.cache.capacity - 1 - req._pos) if not self.cache.ring else n
+        if n <= 0:
+            return []
+        logits = prefill(self.model, tokens, self.cache, 0, start=self.length)  # (V,) after position _pos
+        draft = [int(logits.argmax())]
+        pos = req._pos + 1
+        while len(draft) < n:
+            ids = torch.tensor([[draft[-1]]], device=self.cache.k.device)  # (1, 1)
+            h = self.model.hidden_states(ids, torch.tensor([[pos]], device=ids.device), self.cache, slice(0, 1))
+            draft.append(int(self.model.logits(h[0, -1]).argmax()))
+            pos += 1
+        self.length = pos  # fed: tokens up to _pos and the first n-1 guesses
+        return draft
+
+    def keep(self, length: int) -> None:
+        """The target accepted the request's tokens up to position length-1: forget later guesses."""
+        self.length = min(self.length, length)
+        self.cache.truncate(0, self.length)

@@ -44,6 +44,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .. import __version__
 from ..api import LoadedModel
+from ..model import StarCoder2
 from ..tokenizer import StreamDecoder
 from . import chat, llamacpp, openai, openapi_doc, tabby, tgi
 from .core import APIError, ClientGone, ServerSettings, ServerState
@@ -60,12 +61,13 @@ LLAMA_ERROR_TYPES = {401: "authentication_error", 404: "not_found_error", 429: "
                      501: "not_supported_error", 503: "unavailable_error"}
 
 
-def create_app(loaded_model: LoadedModel, **settings) -> FastAPI:
-    """The app for one loaded model; keyword arguments are `ServerSettings` fields (core.py):
-    model_name, api_key, max_batch, max_queue, max_seq_len, prefix_cache_tokens, num_draft,
-    max_body_bytes, request_timeout_s, cors_origins, retry_after_s, repo, repo_refresh_s
-    (`repo`: retrieve context from that repository for /infill and Tabby, repo_context.py)."""
-    state = ServerState(loaded_model, ServerSettings(**settings))
+def create_app(loaded_model: LoadedModel, draft_model: StarCoder2 | None = None, **settings) -> FastAPI:
+    """The app for one loaded model (and an optional smaller draft model for speculation); keyword
+    arguments are `ServerSettings` fields (core.py): model_name, api_key, max_batch, max_queue,
+    max_seq_len, prefix_cache_tokens, num_draft, max_body_bytes, request_timeout_s, cors_origins,
+    retry_after_s, repo, repo_refresh_s (`repo`: retrieve context from that repository for /infill
+    and Tabby, repo_context.py)."""
+    state = ServerState(loaded_model, ServerSettings(**settings), draft_model)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -245,7 +247,8 @@ def _utility_routes():
         k = e.cache.k  # (L, B, n_kv_head, S, head_dim): K and V bytes per cached token, all layers
         text = state.metrics.render(queue_depth=len(e.waiting), running=len(e.running), in_flight=state.in_flight,
                                     prefix_cache_tokens=cached,
-                                    prefix_cache_bytes=cached * 2 * k.shape[0] * k.shape[2] * k.shape[4] * k.element_size())
+                                    prefix_cache_bytes=cached * 2 * k.shape[0] * k.shape[2] * k.shape[4] * k.element_size(),
+                                    draft_tokens=e.stats["draft_tokens"], accepted_tokens=e.stats["accepted_tokens"])
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @router.get("/v1/models")

@@ -31,6 +31,7 @@ from starlette.types import Receive, Scope, Send
 from ..api import LoadedModel
 from ..infer.engine import Engine, Event, Request
 from ..infer.generate import SamplingParams
+from ..model import StarCoder2
 from ..prompts import default_stop_ids
 from .metrics import Metrics
 from .repo_context import RepoContext
@@ -54,7 +55,7 @@ class ServerSettings:
     max_queue: int = 32  # engine requests allowed to wait beyond max_batch; more -> 429 with Retry-After
     max_seq_len: int | None = None  # tokens per row (prompt + completion); default: the model's context
     prefix_cache_tokens: int = 16384  # KV of earlier prompts kept for reuse; 0 turns the prefix cache off
-    num_draft: int = 0  # prompt-lookup speculation for greedy requests running alone (0: off)
+    num_draft: int = 0  # speculation for greedy requests running alone (0: off): draft tokens per step
     max_body_bytes: int = 8 << 20  # larger bodies -> 413
     request_timeout_s: float = 300.0  # a generation still running then is stopped (finish "length")
     cors_origins: list[str] = field(default_factory=list)  # e.g. ["*"]; empty: no CORS headers
@@ -104,10 +105,12 @@ class EngineFailure(APIError):
 class ServerState:
     """Everything the routes need, kept in `app.state.server` (no module-level state)."""
 
-    def __init__(self, lm: LoadedModel, settings: ServerSettings):
+    def __init__(self, lm: LoadedModel, settings: ServerSettings, draft_model: StarCoder2 | None = None):
+        """draft_model: drafts for speculation (with settings.num_draft > 0); else prompt lookup."""
         self.lm, self.tokenizer, self.settings = lm, lm.tokenizer, settings
         self.engine = Engine(lm.model, lm.tokenizer, max_batch=settings.max_batch, max_seq_len=settings.max_seq_len,
-                             prefix_cache_tokens=settings.prefix_cache_tokens, num_draft=settings.num_draft)
+                             prefix_cache_tokens=settings.prefix_cache_tokens, num_draft=settings.num_draft,
+                             draft_model=draft_model)
         self.failed: dict[Request, str] = {}  # requests running when a step raised -> the error
         self.engine.step = self._guard(self.engine.step)
         self.model_name = settings.model_name or lm.path.name

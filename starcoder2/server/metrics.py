@@ -65,7 +65,7 @@ class Metrics:
         self.http_latency.setdefault(route, Histogram(LATENCY_BUCKETS)).observe(seconds)
 
     def render(self, *, queue_depth: int, running: int, in_flight: int, prefix_cache_tokens: int = 0,
-               prefix_cache_bytes: int = 0) -> str:
+               prefix_cache_bytes: int = 0, draft_tokens: int = 0, accepted_tokens: int = 0) -> str:
         p = "starcoder2_"
         out: list[str] = []
 
@@ -87,6 +87,8 @@ class Metrics:
             ("prefix_cache_hit_tokens_total", self.cached_tokens, "Prompt tokens taken from the prefix cache."),
             ("superseded_requests_total", self.superseded,
              "Requests cancelled by a newer request with the same X-Client-Id."),
+            ("speculative_draft_tokens_total", draft_tokens, "Draft tokens verified (speculative decoding)."),
+            ("speculative_accepted_tokens_total", accepted_tokens, "Draft tokens the model agreed with."),
         ):
             family(name, "counter", help_)
             out.append(f"{p}{name} {value}")

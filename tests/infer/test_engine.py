@@ -207,3 +207,57 @@ def test_speculation_respects_stops_and_limits(model):
     stop = plain[9]
     got = engine.generate([prompt], SamplingParams(max_new_tokens=30, stop_token_ids=[stop]))[0]
     assert got.output == plain[:plain.index(stop)]
+
+
+def _noisy_copy(model, scale, seed=1):
+    """The model with noise on its matrices: a draft that guesses right most of the time, not always."""
+    torch.manual_seed(seed)
+    draft = StarCoder2(model.config)
+    draft.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        for p in draft.parameters():
+            if p.dim() == 2:
+                p.add_(torch.randn_like(p) * scale * p.std())
+    return draft.eval()
+
+
+@pytest.mark.parametrize("draft_kind", ["same", "noisy", "unrelated"])
+def test_draft_model_speculation_equals_plain_greedy(model, draft_kind):
+    draft = {"same": lambda: model, "noisy": lambda: _noisy_copy(model, 0.5),
+             "unrelated": lambda: _noisy_copy(model, 50.0)}[draft_kind]()
+    params = SamplingParams(max_new_tokens=48)
+    prompts = _prompts([5, 30, 70], seed=11)  # 30 and 70 tokens: past the 16-token window (ring buffers)
+    engine = Engine(model, max_batch=2, num_draft=5, draft_model=draft)
+    for p in prompts:  # one at a time: each runs alone, so every step may speculate
+        assert engine.generate([p], params)[0].output == generate(model, [p], params)[0]
+    drafted, accepted = engine.stats["draft_tokens"], engine.stats["accepted_tokens"]
+    assert drafted > 0
+    if draft_kind == "same":
+        assert accepted == drafted  # the model's own guesses are always right
+    if draft_kind == "noisy":
+        assert 0 < accepted < drafted  # both paths: accepted guesses and cut-back rejected ones
+    # two at once (no speculation while both run), then the survivor alone: its draft cache catches up
+    before = engine.stats["draft_tokens"]
+    short, long = (engine.submit(p, SamplingParams(max_new_tokens=n)) for p, n in zip(prompts[1:], (8, 48)))
+    while not long.finished:
+        engine.step()
+    assert short.output == generate(model, [prompts[1]], SamplingParams(max_new_tokens=8))[0]
+    assert long.output == generate(model, [prompts[2]], params)[0]
+    assert engine.stats["draft_tokens"] > before
+
+
+def test_draft_model_respects_stops_and_limits(model):
+    prompt = _prompts([20], seed=3)[0]
+    plain = generate(model, [prompt], SamplingParams(max_new_tokens=30))[0]
+    engine = Engine(model, num_draft=8, draft_model=_noisy_copy(model, 0.3))
+    for n in (1, 2, 7, 30):
+        assert engine.generate([prompt], SamplingParams(max_new_tokens=n))[0].output == plain[:n]
+    stop = plain[12]
+    got = engine.generate([prompt], SamplingParams(max_new_tokens=30, stop_token_ids=[stop]))[0]
+    assert got.output == plain[:plain.index(stop)]
+
+
+def test_draft_model_needs_the_same_vocabulary(model):
+    other = StarCoder2(tiny().replace(vocab_size=640))
+    with pytest.raises(ValueError, match="one vocabulary"):
+        Engine(model, num_draft=4, draft_model=other)

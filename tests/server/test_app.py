@@ -243,3 +243,14 @@ def test_an_engine_failure_is_a_500_and_the_server_keeps_serving(lm):
         assert events[-1]["stop"] is True
         assert c.post("/v1/completions", json={"prompt": "x", "max_tokens": 3}).status_code == 200
         assert metric(c, "generations_total", 'finish_reason="error"') == 1
+
+
+def test_draft_model_speculation_keeps_greedy_output(lm):
+    """serve --draft-model: a greedy request running alone is drafted by the second model and
+    verified by the first; the text is the plain greedy text, and /metrics counts the drafts."""
+    with make_client(lm, draft_model=lm.model, num_draft=4) as client:
+        r = client.post("/v1/completions", json={"prompt": "def add(a, b):\n", "max_tokens": 24, "temperature": 0})
+        assert r.status_code == 200
+        assert r.json()["choices"][0]["text"] == lm.complete("def add(a, b):\n", max_new_tokens=24)
+        drafted = metric(client, "speculative_draft_tokens_total")
+        assert drafted > 0 and metric(client, "speculative_accepted_tokens_total") == drafted  # its own guesses
