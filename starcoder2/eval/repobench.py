@@ -596,7 +596,7 @@ def before_after_table(report: dict) -> str:
     before, after = report["before"], report["after"]
 
     def pair(a: float | None, b: float | None) -> str:
-        return f"{_fmt(a)} → {_fmt(b)}"
+        return "-" if a is None and b is None else f"{_fmt(a)} → {_fmt(b)}"
 
     head = ["mode", "kind", "n", "exact match", "edit sim", "identifier F1", "tests pass"]
     lines = [f"before: {before.get('model')}", f"after:  {after.get('model')}", "",
