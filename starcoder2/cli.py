@@ -441,7 +441,8 @@ def _add_eval_repo_args(p: argparse.ArgumentParser) -> None:
 
 
 def _eval_repo(args: argparse.Namespace) -> None:
-    from .eval.repobench import RepoBenchSettings, before_after, before_after_table, evaluate_repo, markdown_table, plot
+    from .eval.repobench import (RepoBenchSettings, before_after, before_after_table, evaluate_repo, markdown_table,
+                                 plot, plot_before_after)
     from .eval.runner import write_json
     if not args.repo:
         raise ValueError("eval repo needs the repository: starcoder2 eval repo PATH")
@@ -473,8 +474,7 @@ def _eval_repo(args: argparse.Namespace) -> None:
     if args.output:
         write_json(args.output, report)
     if args.plot:
-        plot([after] if before is None else [{**before, "repo_name": f"{before['repo_name']} before"},
-                                             {**after, "repo_name": f"{after['repo_name']} after"}], args.plot)
+        plot([after], args.plot) if before is None else plot_before_after(report, args.plot)
         print(f"wrote {args.plot}", file=sys.stderr)
     print(markdown_table(report) if before is None else before_after_table(report))
 

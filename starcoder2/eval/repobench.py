@@ -678,6 +678,37 @@ def plot(reports: list[dict], path: str | Path) -> None:
             ax.set_ylim(0, 1)
             ax.set_title(f"{report.get('repo_name', '')}: {label}", fontsize=9)
         row[0].legend(fontsize=7)
+    _save(fig, path)
+
+
+def plot_before_after(report: dict, path: str | Path) -> None:
+    """One panel per metric: before and after bars side by side for each (mode, kind), and the loss."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    before, after = report["before"], report["after"]
+    cells = [(m, k) for m, kinds in after["metrics"].items() for k in kinds]
+    metrics = (("exact_match", "exact match"), ("edit_similarity", "edit similarity"), ("identifier_f1", "identifier F1"))
+    fig, axes = plt.subplots(1, len(metrics) + 1, figsize=(4.2 * (len(metrics) + 1), 3.4))
+    xs = range(len(cells))
+    for ax, (key, label) in zip(axes, metrics):
+        for shift, (run, name) in ((-0.2, (before, "before")), (0.2, (after, "after"))):
+            ax.bar([x + shift for x in xs], [run["metrics"][m][k][key] or 0.0 for m, k in cells], 0.4, label=name)
+        ax.set_xticks(list(xs), [f"{m}\n{k}" for m, k in cells], fontsize=7)
+        ax.set_ylim(0, 1)
+        ax.set_title(f"{report['repo_name']}: {label}", fontsize=9)
+    axes[0].legend(fontsize=7)
+    losses = [run.get("held_out_loss") or {} for run in (before, after)]
+    axes[-1].bar(["before", "after"], [lo.get("loss") or 0.0 for lo in losses], color=["tab:blue", "tab:orange"])
+    axes[-1].set_title("held-out loss (nats/token)", fontsize=9)
+    _save(fig, path)
+
+
+def _save(fig, path: str | Path) -> None:
+    """Write the figure atomically (a temporary file, then a rename) and close it."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -83,7 +83,9 @@ def test_eval_repo_baseline_reports_before_and_after_on_the_held_out_files(lora_
     adapter, out = Path(lora_run.out) / "adapter", tmp_path / "before_after.json"
     assert cli.main(["eval", "repo", str(repo), "--model", str(tiny_checkpoint), "--adapter", str(adapter), "--baseline",
                      "--holdout", str(HOLDOUT), "--n", "2", "--kinds", "single", "--modes", "file", "--no-tests",
-                     "--budget", "160", "--dtype", "fp32", "--index", str(tmp_path / "i.sqlite"), "-q", "-o", str(out)]) == 0
+                     "--budget", "160", "--dtype", "fp32", "--index", str(tmp_path / "i.sqlite"), "-q", "-o", str(out),
+                     "--plot", str(tmp_path / "ba.png")]) == 0
+    assert (tmp_path / "ba.png").stat().st_size > 1000
     report = json.loads(out.read_text())
     files = json.loads((Path(lora_run.out) / "data" / "manifest.json").read_text())["files"]
     assert report["held_out_files"] == sorted(f["path"] for f in files if f["split"] == "valid")
