@@ -16,10 +16,13 @@ CHECKPOINT_VOCAB = 640  # embeddings may outnumber tokenizer entries, as in real
 
 
 @pytest.fixture(autouse=True)
-def _restore_default_dtype():
-    dtype = torch.get_default_dtype()
+def _restore_torch_globals():
+    """Training and fine-tuning set torch's thread count from their config, some tests the default
+    dtype: every test gets both back as they were."""
+    dtype, threads = torch.get_default_dtype(), torch.get_num_threads()
     yield
     torch.set_default_dtype(dtype)
+    torch.set_num_threads(threads)
 
 
 def hf_reference(config: ModelConfig, seed: int = 0):

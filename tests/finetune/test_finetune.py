@@ -29,13 +29,6 @@ DATA = DataConfig(near_dedup=False, decontaminate=False, workers=1)
 HOLDOUT = 0.25
 
 
-@pytest.fixture(autouse=True)
-def _restore_threads():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="session")
 def repo(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("ft_repo") / "project"

@@ -38,14 +38,6 @@ METRIC_FIELDS = {"step", "loss", "lr", "grad_norm", "tokens_per_s", "mfu"}
 CODE = 'def greet(name):\n    """Say hello."""\n    return f"hello, {name}!" if name else None\n\nprint(greet("x"))\n'
 
 
-@pytest.fixture(autouse=True)
-def _restore_threads():
-    """train() sets torch's thread count from the config; give the rest of the suite its own back."""
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory, tiny_tokenizer) -> Path:
     data = prepare_tiny_data(tmp_path_factory.mktemp("train_data"), tiny_tokenizer)
