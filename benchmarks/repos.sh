@@ -16,7 +16,7 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 PY=${PY:-$ROOT/.venv/bin/python}
 WORK=${WORK:-/tmp/starcoder2-repobench}
 PACKAGES=${PACKAGES:-"isodate==0.7.2 toolz==1.2.0"}
-N=${N:-15}
+N=${N:-40}
 SEED=${SEED:-0}
 BUDGET=${BUDGET:-512}  # the demo model attends 512 tokens per layer (sliding window)
 MODEL_ARGS=${MODEL:+--model $MODEL}
