@@ -69,6 +69,7 @@ class FinetuneConfig:
     dtype: str = "auto"  # autocast dtype (train/config.py); a LoRA base is also stored in it (fp32 without autocast)
     parallel: str = "ddp"
     threads: int | None = None
+    activation_checkpointing: bool = False  # recompute each block's activations in backward: long windows on 3B
 
     def __post_init__(self) -> None:
         self.targets = tuple(self.targets)
@@ -91,7 +92,8 @@ class FinetuneConfig:
                            batch_size=self.batch_size, grad_accum=self.grad_accum, max_steps=self.steps, lr=lr,
                            warmup_steps=warmup, weight_decay=self.weight_decay, dtype=self.dtype, seed=self.seed,
                            fim=self.fim, eval_every=self.eval_every, eval_batches=self.eval_batches,
-                           save_every=self.save_every, log_every=self.log_every, parallel=self.parallel, threads=self.threads)
+                           save_every=self.save_every, log_every=self.log_every, parallel=self.parallel, threads=self.threads,
+                           activation_checkpointing=self.activation_checkpointing)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -135,6 +135,25 @@ def test_lora_resume_continues_the_uninterrupted_run(lora_run, tmp_path):
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
 
 
+def test_activation_checkpointing_trains_the_same_adapters(lora_run, tmp_path, monkeypatch):
+    """Recomputing the blocks in backward (LoRA dropout masks replayed) gives the same run."""
+    from starcoder2.train import parallel
+
+    applied = []
+    real = parallel.apply_activation_checkpointing
+    monkeypatch.setattr(parallel, "apply_activation_checkpointing", lambda m: applied.append(m) or real(m))
+    ref = Path(lora_run.out)
+    config = FinetuneConfig(**{**lora_run.to_dict(), "out": str(tmp_path / "ckpt"), "activation_checkpointing": True})
+    finetune(config, ref / "data", progress=False, log=lambda m: None)
+    assert len(applied) == 1
+    got, want = _metrics(tmp_path / "ckpt"), _metrics(ref)
+    for step in want:
+        assert got[step]["loss"] == pytest.approx(want[step]["loss"], rel=0, abs=1e-5), step
+    a, b = (load_file(str(p / "adapter" / "adapter_model.safetensors")) for p in (tmp_path / "ckpt", ref))
+    for k in b:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-5)
+
+
 @torch.no_grad()
 def test_merged_checkpoint_loads_in_transformers_with_the_adapters_logits(lora_run, tiny_checkpoint, tmp_path, capsys):
     from peft import PeftModel
