@@ -28,6 +28,7 @@ checkpointing (would cut LoRA's activation memory further), GPUs, several proces
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -44,9 +45,11 @@ if str(REPO) not in sys.path:
 
 from starcoder2.adapters import TARGETS, AdapterConfig  # noqa: E402
 from starcoder2.config import preset  # noqa: E402
+from starcoder2.device import autocast_dtype  # noqa: E402
 from starcoder2.model import StarCoder2  # noqa: E402
 from starcoder2.train.loop import loss_fn  # noqa: E402
 from starcoder2.train.optim import build_optimizer  # noqa: E402
+from starcoder2.train.parallel import apply_activation_checkpointing  # noqa: E402
 
 GIB = 2**30
 BUDGET_GB = 24  # the target: LoRA on the 3B shape must fit a 24 GB machine
@@ -58,9 +61,10 @@ def _vm(key: str) -> float:
         return next(int(ln.split()[1]) * 1024 / GIB for ln in f if ln.startswith(key + ":"))
 
 
-def build(cfg, method: str, rank: int) -> torch.nn.Module:
-    """Built on the meta device and materialised once in its storage dtype (no fp32 copy of a bf16 base)."""
-    dtype = torch.bfloat16 if method == "lora" else torch.float32
+def build(cfg, method: str, rank: int, autocast: torch.dtype | None) -> torch.nn.Module:
+    """Built on the meta device and materialised once in its storage dtype (no fp32 copy of a bf16 base):
+    a LoRA base in the autocast dtype as `finetune` stores it, full fine-tuning in fp32."""
+    dtype = (autocast or torch.float32) if method == "lora" else torch.float32
     default = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
@@ -88,7 +92,10 @@ def worker(args) -> dict:
         cfg = cfg.replace(num_layers=layers)
     rss_start = _vm("VmRSS")
     t0 = time.perf_counter()
-    model = build(cfg, method, args.rank)
+    autocast = autocast_dtype(args.dtype, torch.device("cpu"))  # None: fp32, no autocast
+    model = build(cfg, method, args.rank, autocast)
+    if args.activation_checkpointing:
+        apply_activation_checkpointing(model)
     build_s = time.perf_counter() - t0
     trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
     opt = build_optimizer(model, 2e-4, 0.0, (0.9, 0.95), 1e-8)
@@ -98,7 +105,7 @@ def worker(args) -> dict:
     times, cpu, losses = [], [], []
     for i in range(args.warmup + args.steps):
         t, c = time.perf_counter(), time.process_time()
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", dtype=autocast) if autocast else contextlib.nullcontext():
             loss = loss_fn(model, x, y)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -190,6 +197,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--full-layers", default="1,2", help="layer counts measured for full fine-tuning")
+    p.add_argument("--activation-checkpointing", action="store_true", help="as `finetune --activation-checkpointing`")
+    p.add_argument("--dtype", default="auto", help="auto | bf16 | fp32, as `finetune --dtype` (auto: bf16 where the "
+                   "CPU has bf16 instructions, else fp32)")
     p.add_argument("--json", metavar="OUT")
     p.add_argument("--plot", metavar="OUT.png")
     p.add_argument("--worker", help=argparse.SUPPRESS)  # internal: run one variant, print its JSON
@@ -201,7 +211,8 @@ def main(argv: list[str] | None = None) -> int:
     rows, notes = [], []
     for v in variants:
         cmd = [sys.executable, __file__, "--worker", v] + [f"--{k}={getattr(args, k)}" for k in
-                                                            ("preset", "batch", "seq", "rank", "steps", "warmup", "threads")]
+                                                            ("preset", "batch", "seq", "rank", "steps", "warmup", "threads",
+                                                             "dtype")] + ["--activation-checkpointing"] * args.activation_checkpointing
         done = subprocess.run(cmd, capture_output=True, text=True)
         sys.stderr.write(done.stderr[-2000:])
         if done.returncode != 0:
@@ -214,7 +225,10 @@ def main(argv: list[str] | None = None) -> int:
     adam_bytes = 16 * cfg.num_params  # fp32 weight + grad + two AdamW moments
     notes.append(f"full fine-tuning state alone (fp32 weights, grads, AdamW m and v): 16 B x {cfg.num_params:,} = "
                  f"{adam_bytes / 1e9:.1f} GB, before activations; a bf16 copy of the base is {2 * cfg.num_params / 1e9:.1f} GB")
-    title = (f"{args.preset} shape, random weights, batch {args.batch}x{args.seq}, bf16 autocast, {args.threads} threads, "
+    ac = autocast_dtype(args.dtype, torch.device("cpu"))
+    title = (f"{args.preset} shape, random weights, batch {args.batch}x{args.seq}, "
+             f"{'bf16 autocast' if ac else 'fp32'}{', activation checkpointing' if args.activation_checkpointing else ''}, "
+             f"{args.threads} threads, "
              f"median of {args.steps} steps")
     print(f"{title}\n\n{table(rows, args.batch, args.seq)}")
     if args.plot:
