@@ -288,7 +288,7 @@ def cmd_finetune(args: argparse.Namespace) -> None:
                             grad_accum=args.grad_accum, eval_every=args.eval_every, save_every=args.save_every,
                             seed=args.seed, fim=FIMConfig(rate=args.fim_rate), dtype=args.dtype,
                             parallel=args.parallel, threads=args.threads,
-                            activation_checkpointing=args.activation_checkpointing)
+                            activation_checkpointing=args.activation_checkpointing, keep_best=args.keep_best)
     log = lambda m: print(m, file=sys.stderr)  # noqa: E731
     device = None if args.device == "auto" else args.device
     if args.sft:
@@ -649,6 +649,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="auto", help="auto | bf16 | fp32: autocast dtype, and a LoRA base is stored in "
                    "it (default auto: bf16 where the hardware multiplies bf16 fast, else fp32)")
     p.add_argument("--parallel", choices=("ddp", "fsdp"), default="ddp", help="under torchrun (fsdp: --full only)")
+    p.add_argument("--keep-best", action="store_true", help="also keep the adapter (or checkpoint) of the lowest "
+                   "held-out loss in OUT/best/, with best.json naming its step")
     p.add_argument("--activation-checkpointing", action="store_true", help="recompute block activations in the "
                    "backward pass: less memory for long --seq-len (e.g. 2048 on 3B), about a third more time")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")

@@ -70,6 +70,7 @@ class FinetuneConfig:
     parallel: str = "ddp"
     threads: int | None = None
     activation_checkpointing: bool = False  # recompute each block's activations in backward: long windows on 3B
+    keep_best: bool = False  # also leave OUT/best/adapter (or best/final) from the lowest held-out loss
 
     def __post_init__(self) -> None:
         self.targets = tuple(self.targets)
@@ -93,7 +94,7 @@ class FinetuneConfig:
                            warmup_steps=warmup, weight_decay=self.weight_decay, dtype=self.dtype, seed=self.seed,
                            fim=self.fim, eval_every=self.eval_every, eval_batches=self.eval_batches,
                            save_every=self.save_every, log_every=self.log_every, parallel=self.parallel, threads=self.threads,
-                           activation_checkpointing=self.activation_checkpointing)
+                           activation_checkpointing=self.activation_checkpointing, keep_best=self.keep_best)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -36,6 +36,7 @@ class TrainConfig:
     eval_batches: int = 16
     save_every: int = 200
     keep_checkpoints: int = 2
+    keep_best: bool = False  # also leave the result of the lowest held-out loss in OUT/best (ddp or 1 process)
     log_every: int = 10
     compile: bool = False
     activation_checkpointing: bool = False
@@ -51,6 +52,8 @@ class TrainConfig:
         self.betas = tuple(self.betas)
         if self.parallel not in ("ddp", "fsdp"):
             raise ValueError(f"parallel must be 'ddp' or 'fsdp', got {self.parallel!r}")
+        if self.keep_best and self.parallel == "fsdp":
+            raise ValueError("keep_best exports from rank 0, which holds only shards under FSDP: use parallel='ddp'")
         if self.dtype not in ("auto", "bf16", "fp16", "fp32"):
             raise ValueError(f"dtype must be auto, bf16, fp16 or fp32, got {self.dtype!r}")
         for name in ("seq_len", "batch_size", "grad_accum", "max_steps", "log_every", "eval_every", "save_every"):

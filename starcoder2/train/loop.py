@@ -33,6 +33,7 @@ from .state import full_model_state, latest_checkpoint, load_checkpoint, save_ch
 # bf16 matmul peak of the 2-core AVX-512 machines this project is measured on (performance.md);
 # GPUs: the dense bf16 figure of the part. Anything else: pass `peak_flops`.
 KNOWN_PEAK_FLOPS = {"cpu": 385e9, "NVIDIA H100": 989e12, "NVIDIA H200": 989e12, "NVIDIA A100": 312e12}
+BEST_DIR, BEST_FILE = "best", "best.json"  # keep_best: OUT/best/ holds the lowest held-out loss's result
 
 
 def flops_per_token(model: StarCoder2, seq_len: int) -> float:
@@ -186,6 +187,13 @@ def train(config: TrainConfig, *, resume: bool = False, device: str | None = Non
                         train_config=config.to_dict(), model_config=model.config.to_hf(), is_main=d.is_main,
                         keep=config.keep_checkpoints, trainable_only=hooks.trainable_only)
 
+    def result(target: Path) -> None:
+        """What the run leaves in `target` (rank 0): the hooks' export, else a HF checkpoint in target/final."""
+        hooks.export(model, tok, target) if hooks.export is not None else export(model, tok, target / "final")
+
+    best_file = out / BEST_DIR / BEST_FILE  # {"step", "val_loss"} of what OUT/best holds
+    best = json.loads(best_file.read_text()) if config.keep_best and resume and best_file.is_file() else {}
+
     t_last, tokens_since = time.perf_counter(), 0
     while step < config.max_steps:
         lr = lr_at(step, lr=config.lr, warmup_steps=config.warmup_steps, max_steps=config.max_steps,
@@ -223,6 +231,12 @@ def train(config: TrainConfig, *, resume: bool = False, device: str | None = Non
             if d.is_main:
                 msg = f"step {step}: val loss {record['val_loss']:.4f}, {record['val_bpb']:.4f} bits/byte"
                 bar.write(msg) if progress else log(msg)
+                if config.keep_best and record["val_loss"] < best.get("val_loss", math.inf):
+                    best = {"step": step, "val_loss": record["val_loss"]}
+                    result(out / BEST_DIR)  # then its record: a crash in between leaves an older record (safe)
+                    tmp = best_file.with_name(BEST_FILE + ".tmp")
+                    tmp.write_text(json.dumps(best) + "\n")
+                    tmp.replace(best_file)
         if record and d.is_main:
             metrics_file.write(json.dumps(record) + "\n")
             metrics_file.flush()
@@ -234,7 +248,7 @@ def train(config: TrainConfig, *, resume: bool = False, device: str | None = Non
         metrics_file.close()
     if hooks.export is not None:
         if d.is_main:
-            hooks.export(model, tok, out)
+            result(out)
         return last
     if d.world_size > 1:  # FSDP parameters are shards: gather them (a collective) into a plain copy on rank 0
         full = full_model_state(model)
@@ -243,7 +257,7 @@ def train(config: TrainConfig, *, resume: bool = False, device: str | None = Non
             model.load_state_dict(full)
             model.tie_weights()
     if d.is_main:
-        export(model, tok, out / "final")
+        result(out)
     return last
 
 

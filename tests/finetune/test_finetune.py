@@ -196,3 +196,28 @@ def test_finetune_cli_errors_are_one_line(lora_run, tiny_checkpoint, repo, tmp_p
         assert out == "" and len(err.strip().splitlines()) == 1 and err.startswith("starcoder2: error: "), err
         assert message in err, err
     assert not (tmp_path / "o").exists()
+
+
+def test_keep_best_leaves_the_lowest_held_out_loss_adapter(lora_run, tmp_path):
+    """OUT/best/adapter is the adapter of the eval step with the lowest held-out loss and best.json
+    names it; a resumed run compares against the best it had, not only against its own evals."""
+    out = tmp_path / "best_run"
+    config = FinetuneConfig(**{**lora_run.to_dict(), "out": str(out), "keep_best": True, "eval_every": 2})
+    finetune(config, Path(lora_run.out) / "data", progress=False, log=lambda m: None)
+    vals = {s: r["val_loss"] for s, r in _metrics(out).items() if "val_loss" in r}
+    best_step = min(vals, key=vals.get)
+    assert json.loads((out / "best" / "best.json").read_text()) == {"step": best_step, "val_loss": vals[best_step]}
+    a, b = (load_file(str(p / "adapter_model.safetensors")) for p in (out / "best" / "adapter", out / "adapter"))
+    assert all(torch.equal(a[k], b[k]) for k in a) == (best_step == max(vals))
+
+    resumed = tmp_path / "resumed"  # from the step-4 checkpoint, with a best no later eval can beat
+    (resumed / "checkpoints").mkdir(parents=True)
+    shutil.copytree(out / "checkpoints" / "step-000004", resumed / "checkpoints" / "step-000004")
+    (resumed / "checkpoints" / "latest").write_text("step-000004\n")
+    shutil.copytree(out / "best", resumed / "best")
+    (resumed / "best" / "best.json").write_text(json.dumps({"step": 2, "val_loss": 0.0}))
+    finetune(FinetuneConfig(**{**config.to_dict(), "out": str(resumed)}), Path(lora_run.out) / "data", resume=True,
+             progress=False, log=lambda m: None)
+    assert json.loads((resumed / "best" / "best.json").read_text()) == {"step": 2, "val_loss": 0.0}
+    with pytest.raises(ValueError, match="keep_best"):
+        FinetuneConfig(**{**lora_run.to_dict(), "method": "full", "keep_best": True, "parallel": "fsdp"})
