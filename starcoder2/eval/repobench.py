@@ -67,6 +67,7 @@ from .similarity import edit_similarity, exact_match, identifier_f1
 
 MODES = ("none", "file", "commented", "native")
 KINDS = ("single", "multi", "function")
+TABLE_HEAD = ["mode", "kind", "n", "exact match", "edit sim", "identifier F1", "tests pass"]  # Markdown tables
 MAX_NEW_TOKENS = {"single": 48, "multi": 128, "function": 256}  # generation usually ends earlier: _decided
 MULTI_LINES = (2, 8)  # a multi-line hole spans this many lines
 MAX_FUNCTION_LINES = 30  # longer bodies would not fit MAX_NEW_TOKENS
@@ -598,9 +599,8 @@ def before_after_table(report: dict) -> str:
     def pair(a: float | None, b: float | None) -> str:
         return "-" if a is None and b is None else f"{_fmt(a)} → {_fmt(b)}"
 
-    head = ["mode", "kind", "n", "exact match", "edit sim", "identifier F1", "tests pass"]
     lines = [f"before: {before.get('model')}", f"after:  {after.get('model')}", "",
-             "| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+             "| " + " | ".join(TABLE_HEAD) + " |", "|" + "|".join("---" for _ in TABLE_HEAD) + "|"]
     for mode, kinds in after["metrics"].items():
         for kind, m in kinds.items():
             b = before["metrics"][mode][kind]
@@ -645,8 +645,7 @@ def _fmt(v: float | None) -> str:
 
 def markdown_table(report: dict) -> str:
     """One row per (mode, kind): n, exact match, edit similarity, identifier F1, tests passing."""
-    head = ["mode", "kind", "n", "exact match", "edit sim", "identifier F1", "tests pass"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    lines = ["| " + " | ".join(TABLE_HEAD) + " |", "|" + "|".join("---" for _ in TABLE_HEAD) + "|"]
     for mode, kinds in report["metrics"].items():
         for kind, m in kinds.items():
             tests = "-" if m["tests_pass"] is None else f"{m['tests_pass']:.3f} ({m['tests_run']})"
