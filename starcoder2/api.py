@@ -23,7 +23,7 @@ from .adapters import check_fits, load_adapter, merge_adapter
 from .chat import ChatTemplate, chat_prompt, chat_stop_ids, find_chat_template, no_chat_template
 from .checkpoint import CheckpointError, load_model, read_config, read_quantization_config, read_tensor, resolve
 from .config import ModelConfig
-from .device import resolve_device, resolve_dtype
+from .device import fast_bf16, resolve_device, resolve_dtype
 from .infer.generate import SamplingParams, generate_tokens
 from .infer.quantize import is_quant_target, prequantized_layers, quantize_model, use_native_kernels
 from .infer.text import TextStream
@@ -146,15 +146,15 @@ def load_for_inference(path: Path, dtype: str | torch.dtype | None = None, devic
                        adapter: str | os.PathLike | None = None) -> tuple[StarCoder2, ModelConfig]:
     """The model as `load` prepares it: cast, a LoRA adapter merged in, optionally quantized
     (streamed: each weight is read, merged, quantized and freed before the next, so peak memory stays
-    near the quantized size), and with the native decode kernels on bf16 CPUs."""
+    near the quantized size), and with the native decode kernels where the CPU has them."""
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     stored = read_quantization_config(path)  # a pre-quantized checkpoint (convert --quantize)
     if stored is not None and quantize not in (None, stored.get("mode")):
         raise CheckpointError(f"{path} is pre-quantized to {stored.get('mode')}: drop --quantize {quantize}, "
                               "or quantize the float checkpoint instead")
-    if (quantize is not None or stored is not None) and dt == torch.float32:
-        dt = torch.bfloat16  # the int kernels take bf16 activations
+    if (quantize is not None or stored is not None) and dt == torch.float32 and fast_bf16(dev):
+        dt = torch.bfloat16  # where bf16 is fast, the int kernels take bf16 activations (AVX-512)
     lora = load_adapter(adapter) if adapter is not None else None
     if lora is not None:
         if stored is not None:
@@ -176,8 +176,8 @@ def load_for_inference(path: Path, dtype: str | torch.dtype | None = None, devic
             return lora.merged_weight(name, weight) if lora is not None else weight
 
         quantize_model(model, quantize, group_size=group_size, dtype=dt, load_weight=load_weight)
-    if native and dev.type == "cpu" and dt == torch.bfloat16:
-        use_native_kernels(model)  # ~2x faster bf16 decode where the CPU has AVX512_BF16
+    if native and dev.type == "cpu":
+        use_native_kernels(model)  # ~2x faster decode than torch's GEMV (AVX-512 bf16, AVX2 fp32/bf16)
     return model, config
 
 
@@ -186,7 +186,7 @@ def load(path_or_id: str | os.PathLike | None = None, dtype: str | torch.dtype |
          group_size: int = 128, adapter: str | os.PathLike | None = None) -> LoadedModel:
     """Load a checkpoint (directory, hub id from the local HF cache, or None for the default model).
     dtype: "fp32" | "bf16" | "fp16" (default: bf16 where the hardware multiplies it fast, else fp32); device: "cpu" | "cuda" (default: CUDA when present);
-    quantize: None | "int8" | "int4" (weight-only; activations in bf16 unless dtype says otherwise);
+    quantize: None | "int8" | "int4" (weight-only; activations in bf16 where the hardware has fast bf16, else fp32);
     adapter: a LoRA adapter directory (PEFT format), merged into the weights at load."""
     path = resolve(path_or_id) if path_or_id is not None else default_model_path()
     model, config = load_for_inference(path, dtype, device, quantize, group_size, adapter=adapter)

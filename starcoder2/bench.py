@@ -7,10 +7,11 @@ The protocol of ../shared/reference/performance.md, on the StarCoder2-3B shape w
 checkpoint), for each variant in --variants, each in its own subprocess so that its peak RSS
 (`ru_maxrss`) belongs to it alone:
 
-- ours-bf16 / ours-int8 / ours-int4: `api.load_for_inference`, what `starcoder2.load` does: load in
-  bf16 (streaming `quantize_model(model, "int8"|"int4")` for the quantized ones), `use_native_kernels(model)`
-  (AVX-512 decode kernels; for int8/int4 this swaps the lm_head). Also ours-fp32 and ours-bf16-torch
-  (bf16 on torch's kernels only), which the old core benchmark compared.
+- ours-bf16 / ours-fp32 / ours-int8 / ours-int4: `api.load_for_inference`, what `starcoder2.load`
+  does: load in bf16 or fp32 (int8/int4: streaming `quantize_model`, activations in the machine's
+  "auto" dtype: bf16 where it is fast, else fp32), `use_native_kernels(model)` (the AVX-512 or AVX2
+  decode kernels; for int8/int4 this swaps the lm_head). Also ours-bf16-torch and ours-fp32-torch
+  (torch's kernels only).
 - transformers-bf16 (and -fp32): `Starcoder2ForCausalLM.from_pretrained(path, dtype=...)`.
 - llama-f16 / llama-bf16 / llama-q8_0 / llama-q4_0: llama.cpp through `llama_cpp`
   (llama-cpp-python), the same weights converted to GGUF (see `convert_to_gguf`; skipped with a note
@@ -31,9 +32,11 @@ Per variant (median and min-max over --reps reps, after one warm-up):
   one `generate` over the (8, 128) batch; not measured for llama.cpp, whose Python API decodes one
   sequence). Aggregate tok/s = (all generated tokens - 8) / (time of the last token - time the last
   request got its first token), i.e. tokens 2..32 of every request over the batched decode time.
-- the bandwidth limit: 34.4 GB/s (performance.md) / weight bytes read per token, counted from the
-  loaded model's parameters and buffers (the GGUF file size for llama.cpp).
-- scenarios, ours-bf16 only: (a) editor keystroke: a 1,500-token prompt cold, then the same prompt
+- the bandwidth limit: the machine's read bandwidth, measured at the start of the run (`measure_bandwidth`:
+  the best of a few 1 GiB reads with torch and with the native kernel's streaming loop) / weight bytes
+  read per token, counted from the loaded model's parameters and buffers (the GGUF file size for
+  llama.cpp). performance.md's 34.4 GB/s was measured on the AVX-512 machines.
+- scenarios, on the first unquantized ours variant of the run (ours-bf16 or ours-fp32): (a) editor keystroke: a 1,500-token prompt cold, then the same prompt
   plus 12 tokens with the prefix cache on (`Engine(prefix_cache_tokens=...)`): both TTFTs and their
   ratio (target >= 10x). (b) prompt-lookup speculation on an edit task: a ~300-token piece of code
   followed by its own first 16 tokens, 64 new tokens with `num_draft=8` vs 0: both decode rates,
@@ -77,7 +80,6 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-BANDWIDTH_GBS = 34.4  # torch `sum` over 1 GiB, 2 threads (performance.md)
 RESULT_TAG = "BENCH_RESULT "
 DISTURBED = 0.25  # foreign CPU s per wall s above which a measurement is marked "!"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -97,18 +99,41 @@ class Variant:
 
 VARIANTS = {
     "ours-bf16": Variant("ours", "bf16", label="16-bit"),
-    "ours-int8": Variant("ours", "bf16", "int8", label="8-bit"),
-    "ours-int4": Variant("ours", "bf16", "int4", label="4-bit"),
-    "ours-fp32": Variant("ours", "fp32", native=False, label="32-bit"),
+    "ours-fp32": Variant("ours", "fp32", label="32-bit"),
+    "ours-int8": Variant("ours", "auto", "int8", label="8-bit"),
+    "ours-int4": Variant("ours", "auto", "int4", label="4-bit"),
     "ours-bf16-torch": Variant("ours", "bf16", native=False, label="16-bit"),
+    "ours-fp32-torch": Variant("ours", "fp32", native=False, label="32-bit"),
     "transformers-bf16": Variant("transformers", "bf16", label="16-bit"),
     "transformers-fp32": Variant("transformers", "fp32", label="32-bit"),
+    "llama-f32": Variant("llama", "f32", label="32-bit"),
     "llama-f16": Variant("llama", "f16", label="16-bit"),
     "llama-bf16": Variant("llama", "bf16"),  # the issue's BF16 target peer; not matched by bits
     "llama-q8_0": Variant("llama", "f16", "q8_0", label="8-bit"),
     "llama-q4_0": Variant("llama", "f16", "q4_0", label="4-bit"),
 }
-DEFAULT_VARIANTS = "ours-bf16,ours-int8,ours-int4,transformers-bf16,llama-f16,llama-q8_0,llama-q4_0"
+# bf16 where the CPU multiplies it fast (AVX512_BF16/AMX); elsewhere bf16 matmuls are emulated (~0.6 GFLOP/s
+# measured on an AVX2 EPYC), so fp32 is the float baseline there
+DEFAULT_VARIANTS = {True: "ours-bf16,ours-int8,ours-int4,transformers-bf16,llama-f16,llama-q8_0,llama-q4_0",
+                    False: "ours-fp32,ours-int8,ours-int4,transformers-fp32,llama-f32,llama-q8_0,llama-q4_0"}
+
+
+def default_variants() -> str:
+    from .device import fast_bf16
+    return DEFAULT_VARIANTS[fast_bf16()]
+
+
+def activation_dtype(v: Variant) -> str:
+    """fp32 | bf16 | f16...: a variant's activation dtype, "auto" resolved for this machine."""
+    if v.dtype != "auto":
+        return v.dtype
+    from .device import fast_bf16
+    return "bf16" if fast_bf16() else "fp32"
+
+
+def scenario_variant(variants: list[str]) -> str | None:
+    """The variant the engine scenarios run on: the first unquantized ours variant."""
+    return next((v for v in variants if VARIANTS[v].peer == "ours" and VARIANTS[v].quant is None), None)
 
 
 @dataclass
@@ -128,6 +153,8 @@ class Protocol:
     spec_repeat: int = 16
     num_draft: int = 8
     skip: list[str] = field(default_factory=list)
+    bandwidth_gbs: float = 34.4  # read bandwidth for the limit row; the parent measures it
+    scenarios: str | None = None  # the variant that also runs the engine scenarios
 
 
 def log(msg: str) -> None:
@@ -231,6 +258,36 @@ def ensure_checkpoint(workdir: Path, cfg, threads: int) -> Path:
     return path
 
 
+def measure_bandwidth(threads: int, gib: float = 1.0, reps: int = 5) -> float:
+    """Memory read bandwidth, GB/s: the best of `reps` reads of a 1 GiB buffer by torch's `sum` and,
+    where the CPU has them, by the native float kernel (a GEMV over the buffer). The best rate any
+    reader reaches is a lower bound of what the hardware gives, so the limit row never flatters us."""
+    import torch
+
+    from .kernels import native
+
+    torch.set_num_threads(threads)
+    buf = torch.ones(int(gib * 2**30) // 4)  # written, so its pages are resident
+
+    def rate(fn, nbytes: int) -> float:
+        fn()
+        best = float("inf")
+        for _ in range(reps):
+            t = time.perf_counter()
+            fn()
+            best = min(best, time.perf_counter() - t)
+        return nbytes / best / 1e9
+
+    gbs = rate(buf.sum, buf.nbytes)
+    k = native()
+    if k is not None:
+        dt = torch.bfloat16 if k.isa == "avx512" else torch.float32
+        w, x = buf.view(dt).view(-1, 4096), torch.ones(1, 4096, dtype=dt)  # (N, 4096) weights, one row of x
+        if k.float_ok(x.dtype, w.dtype):
+            gbs = max(gbs, rate(lambda: k.linear(x, w, None), w.nbytes))
+    return gbs
+
+
 def warm_page_cache(path: Path) -> None:
     t0, n = time.perf_counter(), 0
     for f in sorted(path.iterdir()):
@@ -291,8 +348,8 @@ class _Ours:
         from .api import load_for_inference
         from .infer.quantize import NativeLinear
 
-        dtype = torch.float32 if v.dtype == "fp32" else torch.bfloat16
-        # exactly what starcoder2.load(...) does: streaming quantization, native kernels on bf16 CPUs
+        dtype = None if v.dtype == "auto" else v.dtype
+        # exactly what starcoder2.load(...) does: streaming quantization, native kernels where the CPU has them
         self.model, self.cfg = load_for_inference(path, dtype, "cpu", v.quant, native=v.native)
         self.native_layers = sum(isinstance(m, NativeLinear) for m in self.model.modules())
         self.weight_bytes = model_weight_bytes(self.model, self.cfg.tie_word_embeddings)
@@ -474,7 +531,7 @@ def run_worker(variant: str, ckpt: Path, proto: Protocol, gguf: Path | None) -> 
             runner = _LlamaCpp(gguf, proto.threads, max(proto.prefill_len, proto.prompt_len + proto.new_tokens) + 16)
     out["load"], out["rss_after_load_gib"] = m.record(), _rss_now_gib()
     out["weight_bytes"] = runner.weight_bytes
-    out["limit_tok_s"] = BANDWIDTH_GBS * 1e9 / runner.weight_bytes
+    out["limit_tok_s"] = proto.bandwidth_gbs * 1e9 / runner.weight_bytes
     log(f"[{name}] loaded in {m.wall:.2f} s (RSS {out['rss_after_load_gib']:.2f} GiB, "
         f"weights {runner.weight_bytes / 1e9:.2f} GB)")
 
@@ -517,7 +574,7 @@ def run_worker(variant: str, ckpt: Path, proto: Protocol, gguf: Path | None) -> 
             out["batch"].append(m.record(**res))
             log(f"{tag} batch-{proto.batch} aggregate {res['tok_s']:.3f} tok/s")
 
-    if variant == "ours-bf16":
+    if variant == proto.scenarios:
         out["scenarios"] = run_scenarios(runner, ckpt, cfg, proto, name)
     out["peak_rss_gib"] = _peak_rss_gib()
     return out
@@ -713,7 +770,7 @@ def report(results: list[dict], meta: dict) -> tuple[str, list[str]]:
          f"{p['prefill_len']}-token prompt. Decode: batch 1, {p['prompt_len']}-token prompt + {p['new_tokens']} "
          f"tokens, rate over tokens 2..{p['new_tokens']}. Batch-{p['batch']}: {p['batch']} different "
          f"{p['prompt_len']}-token prompts x {p['batch_new_tokens']} tokens through the Engine, aggregate rate "
-         f"over tokens 2..{p['batch_new_tokens']}. Limit = {BANDWIDTH_GBS} GB/s / weight bytes. \"!\" = foreign "
+         f"over tokens 2..{p['batch_new_tokens']}. Limit = {p['bandwidth_gbs']:.1f} GB/s (measured) / weight bytes. \"!\" = foreign "
          f"CPU > {DISTURBED:.0%} of wall time.", "",
          "| variant | load s | peak RSS GiB | TTFT-512 s | prefill-512 tok/s | decode tok/s | % of limit | "
          "batch-8 tok/s | batch-8 / decode | weights GB | foreign CPU s (max) |",
@@ -736,7 +793,7 @@ def report(results: list[dict], meta: dict) -> tuple[str, list[str]]:
     llama = {VARIANTS[k].label: s for k, s in S.items() if VARIANTS[k].peer == "llama" and VARIANTS[k].label}
     if any(k.startswith("transformers") for k in S) or llama:
         L += ["", "Ratios (speed: > 1 = this variant is faster; TTFT and RSS: < 1 = lower). transformers in the same "
-              "activation dtype (bf16 for int8/int4); llama.cpp at the same bits: ours-bf16 vs F16, ours-int8 vs "
+              "activation dtype; llama.cpp at the same bits: ours-fp32 vs F32, ours-bf16 vs F16, ours-int8 vs "
               "Q8_0, ours-int4 vs Q4_0. Greedy agreement: decode tokens equal to transformers' (random weights "
               "give near-flat logits, so bf16 near-ties may diverge: a sanity signal, not a test).", "",
               "| variant | vs transformers: TTFT | prefill | decode | batch-8 | peak RSS | greedy agree | "
@@ -744,7 +801,7 @@ def report(results: list[dict], meta: dict) -> tuple[str, list[str]]:
         for k, s in S.items():
             if VARIANTS[k].peer != "ours":
                 continue
-            tk = f"transformers-{VARIANTS[k].dtype}"
+            tk = f"transformers-{activation_dtype(VARIANTS[k])}"
             t, q = S.get(tk, {}), llama.get(VARIANTS[k].label, {})
             agree = "-"
             if tk in ok and ok[k]["decode"] and ok[tk]["decode"]:
@@ -756,9 +813,9 @@ def report(results: list[dict], meta: dict) -> tuple[str, list[str]]:
                                                                  "peak_rss_gib")]
             L.append(f"| {k} | " + " | ".join(cells) + " |")
 
-    sc = ok.get("ours-bf16", {}).get("scenarios", {})
+    sc = ok.get(p["scenarios"], {}).get("scenarios", {})
     if sc:
-        L += ["", "Engine scenarios (ours-bf16):", "", "| scenario | without | with | ratio | target | detail |",
+        L += ["", f"Engine scenarios ({p['scenarios']}):", "", "| scenario | without | with | ratio | target | detail |",
               "|---|---|---|---|---|---|"]
         if sc.get("keystroke"):
             k = sc["keystroke"]
@@ -776,7 +833,7 @@ def report(results: list[dict], meta: dict) -> tuple[str, list[str]]:
                      f"accepted {x[0]['accepted']}/{x[0]['drafted']} drafted; the model repeated "
                      f"{x[0]['copied_from_source']}/{x[0]['tokens']} tokens of the code |")
 
-    checks = target_checks(S, meta["scaled"])
+    checks = target_checks(S, meta["scaled"], p["scenarios"])
     if checks:
         scaled = " (scaled-down shape: absolute numbers are not the 3B's)" if meta["scaled"] else ""
         L += ["", f"Targets of issue 3{scaled}:", "", "| target | measured | met |", "|---|---|---|"]
@@ -787,11 +844,12 @@ def report(results: list[dict], meta: dict) -> tuple[str, list[str]]:
 
 
 # ours variant -> (llama.cpp peer, bound) for decode, llama.cpp peer at the same bits for prefill (issue 3)
-DECODE_TARGETS = {"ours-bf16": ("llama-bf16", 0.95, "llama-f16"), "ours-int8": ("llama-q8_0", 1.3, "llama-q8_0"),
+DECODE_TARGETS = {"ours-bf16": ("llama-bf16", 0.95, "llama-f16"), "ours-fp32": ("llama-f32", 0.95, "llama-f32"),
+                  "ours-int8": ("llama-q8_0", 1.3, "llama-q8_0"),
                   "ours-int4": ("llama-q4_0", 1.0, "llama-q4_0")}
 
 
-def target_checks(S: dict, scaled: bool) -> list[tuple[str, str, bool]]:
+def target_checks(S: dict, scaled: bool, scenarios: str | None = "ours-bf16") -> list[tuple[str, str, bool]]:
     """(target, measured, met) for every target of issue 3 this run measured."""
     out = []
 
@@ -805,16 +863,17 @@ def target_checks(S: dict, scaled: bool) -> list[tuple[str, str, bool]]:
     for k, (dec_peer, bound, same_bits) in DECODE_TARGETS.items():
         if (s := S.get(k)) is None:
             continue
-        if k == "ours-bf16":
-            add("bf16 decode >= 85 % of the bandwidth limit", s["decode_pct_of_limit"], 85, "{:.0f} %")
+        if k in ("ours-bf16", "ours-fp32"):
+            add(f"{k} decode >= 85 % of the bandwidth limit", s["decode_pct_of_limit"], 85, "{:.0f} %")
         add(f"{k} decode >= {bound}x {dec_peer}", over(s, "decode_tok_s", dec_peer), bound)
-        add(f"{k} prefill >= 1.0x transformers-bf16", over(s, "prefill_tok_s", "transformers-bf16"), 1.0)
+        tk = f"transformers-{activation_dtype(VARIANTS[k])}"
+        add(f"{k} prefill >= 1.0x {tk}", over(s, "prefill_tok_s", tk), 1.0)
         add(f"{k} prefill >= 1.0x {same_bits}", over(s, "prefill_tok_s", same_bits), 1.0)
         add(f"{k} batch-8 aggregate >= 5x batch-1 decode", s["batch_over_decode"], 5.0)
         if k == "ours-int4" and not scaled:
             gb = s["peak_rss_gib"] * 2**30 / 1e9
             out.append(("ours-int4 peak RSS <= 2.5 GB", f"{gb:.2f} GB", gb <= 2.5))
-    bf = S.get("ours-bf16", {})
+    bf = S.get(scenarios or "", {})
     add("keystroke TTFT >= 10x lower with the prefix cache", bf.get("keystroke", {}).get("ratio"), 10.0, "{:.1f}x")
     add("prompt-lookup speculation >= 2x decode tok/s", bf.get("speculation", {}).get("ratio"), 2.0)
     return out
@@ -881,7 +940,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--model", "-m", help="checkpoint directory or hub id (default: the 3B shape, random weights)")
     p.add_argument("--preset", default="3b", help="shape of the random-weight model: 3b (default), 7b, 15b, small, tiny")
     p.add_argument("--layers", type=int, help="override the number of layers (scaled-down run)")
-    p.add_argument("--variants", default=DEFAULT_VARIANTS, help=f"comma-separated (default: {DEFAULT_VARIANTS})")
+    p.add_argument("--variants", help="comma-separated (default: " + DEFAULT_VARIANTS[True] + " where bf16 is "
+                   "fast, else " + DEFAULT_VARIANTS[False] + ")")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", metavar="OUT", help="write the raw results here")
@@ -902,7 +962,7 @@ def run(args: argparse.Namespace) -> int:
     """The parent: checkpoint, GGUF files, one worker per variant, tables, JSON, plot."""
     from .checkpoint import read_config, resolve
 
-    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    variants = [v.strip() for v in (args.variants or default_variants()).split(",") if v.strip()]
     skip = [s.strip() for s in args.skip.split(",") if s.strip()]
     for v in variants:
         if v not in VARIANTS:
@@ -945,6 +1005,9 @@ def run(args: argparse.Namespace) -> int:
     for n in notes:
         log(n)
 
+    proto.scenarios = scenario_variant(variants)
+    proto.bandwidth_gbs = measure_bandwidth(args.threads)
+    log(f"read bandwidth {proto.bandwidth_gbs:.1f} GB/s")
     warm_page_cache(ckpt)
     results = [spawn_worker(v, ckpt, proto, ggufs.get(v)) for v in variants]
     meta = {"shape": shape, "scaled": scaled, "protocol": asdict(proto)}
@@ -954,7 +1017,7 @@ def run(args: argparse.Namespace) -> int:
         log(notes[-1])
     print(table + "".join(f"\n\nNote: {n}" for n in notes))
     if args.json:
-        payload = {"environment": env, "config": cfg.to_dict(), "checkpoint": str(ckpt), "bandwidth_gbs": BANDWIDTH_GBS,
+        payload = {"environment": env, "config": cfg.to_dict(), "checkpoint": str(ckpt), "bandwidth_gbs": proto.bandwidth_gbs,
                    **meta, "notes": notes, "summary": {r["variant"]: summarize(r) for r in results if "error" not in r},
                    "results": results, "table": table}
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

@@ -88,7 +88,7 @@ def test_quantized_load_streams_and_equals_quantizing_a_loaded_model(tiny_checkp
     assert sum(isinstance(m, QuantizedLinear) for m in streamed.model.modules()) == 12
     assert not any(p.is_meta for p in streamed.model.parameters())
     full, _ = load_model(tiny_checkpoint, torch.float32)  # quantized from the stored precision, as streamed
-    quantize_model(full, mode, group_size=64, dtype=torch.bfloat16)
+    quantize_model(full, mode, group_size=64, dtype=streamed.model.embed_tokens.weight.dtype)  # "auto"
     use_native_kernels(full)
     ids = torch.tensor([streamed.tokenizer.encode("def f(x):\n    return x + 1\n")])
     with torch.no_grad():

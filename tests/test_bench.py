@@ -48,6 +48,9 @@ def test_bench_writes_json_tables_and_scenarios(checkpoint, tmp_path, monkeypatc
                     "decode_tok_s", "batch_tok_s", "decode_pct_of_limit", "batch_over_decode"):
             assert s[key] > 0, (name, key)
     assert data["summary"]["ours-int8"]["weight_bytes"] < data["summary"]["ours-bf16"]["weight_bytes"]
+    assert data["protocol"]["scenarios"] == "ours-bf16" and data["bandwidth_gbs"] > 0.5
+    s = data["summary"]["ours-bf16"]
+    assert s["limit_tok_s"] == pytest.approx(data["bandwidth_gbs"] * 1e9 / s["weight_bytes"])
 
     scenarios = data["results"][0]["scenarios"]
     (key,) = scenarios["keystroke"]
@@ -68,3 +71,22 @@ def test_cli_bench_errors_are_one_line(capsys):
     with pytest.raises(SystemExit) as exc:
         cli.main(["bench", "--help"])
     assert exc.value.code == 0 and "usage: starcoder2 bench" in capsys.readouterr().out
+
+
+def test_variants_follow_the_machine(monkeypatch):
+    """bf16 baselines only where bf16 is fast; quantized activations in the "auto" dtype; the engine
+    scenarios on the first unquantized ours variant."""
+    import starcoder2.device as device
+    for fast, float_variant, act in ((True, "ours-bf16", "bf16"), (False, "ours-fp32", "fp32")):
+        monkeypatch.setattr(device, "fast_bf16", lambda *a, fast=fast: fast)
+        names = bench.default_variants().split(",")
+        assert names[0] == float_variant and f"transformers-{act}" in names
+        assert all(n in bench.VARIANTS for n in names)
+        assert bench.activation_dtype(bench.VARIANTS["ours-int4"]) == act
+    assert bench.scenario_variant(["llama-q8_0", "ours-int8", "ours-fp32", "ours-bf16"]) == "ours-fp32"
+    assert bench.scenario_variant(["ours-int8"]) is None
+
+
+def test_measured_bandwidth_is_plausible():
+    gbs = bench.measure_bandwidth(threads=1, gib=0.25, reps=2)
+    assert 0.5 < gbs < 2000  # a 256 MiB read: GB/s, not bytes/s or a division slip

@@ -9,11 +9,13 @@ outside the model.
   time, so channels that carry large activations keep more precision; alpha is picked per layer from
   a grid by the output error on the calibration activations (Lin et al. 2023, "AWQ").
 
-Kernels: for decode-sized inputs (at most NATIVE_MAX_ROWS rows) the native AVX-512 kernels of
-`starcoder2.kernels` read the packed weights directly, near the memory bandwidth; for prefill the
+Kernels: for decode-sized inputs (at most NATIVE_MAX_ROWS rows) the native AVX-512 or AVX2 kernels
+of `starcoder2.kernels` read the packed weights directly, near the memory bandwidth; for prefill the
 weights are dequantized to the activation dtype and multiplied by oneDNN's GEMM, which is compute
 bound there anyway. `kernel="reference"` always takes the dequantize path: the oracle in tests.
-`use_native_kernels` gives unquantized bf16 models the same decode kernel.
+`use_native_kernels` gives unquantized models the same decode kernels (bf16 on AVX-512; fp32 or bf16
+weights on AVX2). The native kernels compute each output row in the same order whatever the number
+of rows, so a speculative verify pass reproduces one-token decode bit for bit.
 
 Pre-quantized checkpoints (`starcoder2 convert --quantize`, loaded by `prequantized_layers`) store
 each QuantizedLinear's buffers under its HF name, e.g. `model.layers.0.mlp.c_fc.{weight,scale,lo,
@@ -81,13 +83,15 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack([b & 15, b >> 4], dim=2).reshape(N, half * 2)
 
 
-def _native_ok(x: torch.Tensor, kernel: str) -> bool:
+def _native_ok(x: torch.Tensor, kernel: str = "native") -> bool:
+    """Whether a decode-sized CPU input (M, K) may take the native kernels (each layer still checks
+    that the kernels take its dtypes)."""
     return (kernel == "native" and x.shape[0] <= NATIVE_MAX_ROWS and x.device.type == "cpu"
-            and x.dtype == torch.bfloat16 and not torch.is_grad_enabled() and native() is not None)
+            and not torch.is_grad_enabled() and native() is not None)
 
 
 class NativeLinear(nn.Module):
-    """nn.Linear whose decode-sized products run on the native bf16 kernel (weights shared, not copied)."""
+    """nn.Linear whose decode-sized products run on the native kernels (weights shared, not copied)."""
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
@@ -96,9 +100,9 @@ class NativeLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features)
-        if (_native_ok(x2, "native") and self.weight.dtype == torch.bfloat16
+        if (_native_ok(x2) and native().float_ok(x2.dtype, self.weight.dtype)
                 and self.out_features % NATIVE_ROW_BLOCK == 0 and self.in_features % 32 == 0):
-            y = native().linear_bf16(x2.contiguous(), self.weight, self.bias)
+            y = native().linear(x2.contiguous(), self.weight, self.bias)
             return y.view(*x.shape[:-1], self.out_features)
         return F.linear(x, self.weight, self.bias)
 
@@ -175,7 +179,7 @@ class QuantizedLinear(nn.Module):
         x = x.reshape(-1, self.in_features).to(self.dtype)  # (M, K)
         if self.in_scale is not None:
             x = x * self.in_scale
-        if _native_ok(x, self.kernel):
+        if _native_ok(x, self.kernel) and native().int_ok(x.dtype):
             x = x.contiguous()
             if self.mode == "int8":
                 y = native().linear_int8(x, self.weight, self.scale, self.bias)
@@ -195,7 +199,7 @@ def _pick_kernel(in_features: int, out_features: int, group_size: int, kernel: s
     if kernel == "auto":
         kernel = "native" if fits and native() is not None else "reference"
     if kernel == "native" and (not fits or native() is None):
-        raise ValueError("native kernels need an AVX512 BF16/VNNI CPU, in_features and group_size multiples "
+        raise ValueError("native kernels need an AVX2 or AVX-512 BF16/VNNI CPU, in_features and group_size multiples "
                          f"of 64, out_features of {NATIVE_ROW_BLOCK}")
     return kernel
 
@@ -216,11 +220,14 @@ def is_quant_target(param_name: str) -> bool:
 
 
 def use_native_kernels(model: nn.Module) -> int:
-    """Route decode-sized products of a bf16 model's Linear layers (and LM head) to the native
-    kernel. Returns how many layers were swapped (0 when the kernels are unavailable)."""
-    if native() is None:
+    """Route decode-sized products of the model's Linear layers (and LM head) to the native
+    kernels where they take the weights' dtype. Returns how many layers were swapped (0 when the
+    kernels are unavailable)."""
+    k = native()
+    if k is None:
         return 0
-    targets = _targets(model, QUANT_TARGETS + ("lm_head",))
+    targets = [t for t in _targets(model, QUANT_TARGETS + ("lm_head",))
+               if k.float_ok(t[2].weight.dtype, t[2].weight.dtype)]
     for parent, name, lin in targets:
         setattr(parent, name, NativeLinear(lin))
     return len(targets)

@@ -1,0 +1,260 @@
+// Skinny matrix products for decode on AVX2 CPUs (no AVX-512): y (M, N) = x (M, K) @ W (N, K)^T + b.
+//
+// The AVX2 twin of cpu_linear.cpp, for the many x86 machines without AVX-512 (e.g. AMD Zen 2/3),
+// reading the same weight layouts, so one pre-quantized checkpoint serves both:
+//
+//   f32:   W fp32, x fp32, FMA.
+//   bf16:  W bf16 widened to fp32 in registers (a shift), x fp32: half the bytes of fp32 weights.
+//   int8:  W int8 stored +128 as uint8, one fp32 scale per output row.
+//   int4:  W 4-bit, w = q * scale + lo per group of G input columns; within each block of 64
+//          columns byte j holds column j (low nibble) and column j + 32 (high nibble).
+//
+// The int kernels quantize x to int8 (|q| <= 127) per block (int8: 32 columns, int4: one group) as
+// llama.cpp's Q8 activations do, and multiply bytes with vpmaddubsw (unsigned x signed -> int16 pairs):
+//   int8: |x| as the unsigned operand and w carrying x's sign (vpsignb), so pairs stay below
+//         2 * 127 * 127 = 32258 and never saturate; the +128 storage offset is removed by a xor.
+//   int4: q in [0, 15] is the unsigned operand directly (pairs <= 3810);
+//         y = sum_g scale[n,g] xs[g] sum_{k in g} q xq + sum_g lo[n,g] xs[g] sum_{k in g} xq.
+//
+// Every output y[m, n] accumulates over k in the same order whatever M is, so a row's result does
+// not depend on how many rows are multiplied with it: a speculative verify pass (M = k + 1) gives
+// bit-for-bit the logits of one-token decode.
+//
+// Work is split over blocks of R output rows with at::parallel_for (torch's thread pool).
+// Requires K % 32 == 0 (int8: K % 32 == 0, int4: G % 64 == 0 and K % G == 0) and N % R == 0; the
+// Python side checks and falls back to torch otherwise.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+
+namespace {
+
+constexpr int R = 4;   // output rows per block: 4 weight streams in flight per thread
+constexpr int MB = 2;  // rows of x per pass over a row block (8 accumulators + 4 weights in 16 ymm)
+constexpr int XB8 = 32;  // int8: columns per activation scale
+
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// 8 weights as fp32
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const uint16_t* p) {  // bf16 -> fp32: the bf16 bits are the high half of an fp32
+  const __m256i v = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+}
+
+// Float weights (fp32 or bf16), x fp32: mb (<= MB) rows of x against rows n0..n0+R-1.
+template <typename W>
+void float_block(const float* x, const W* w, float* y, int64_t K, int64_t N, int64_t n0, int64_t m0, int mb) {
+  __m256 acc[MB][R];
+  for (int m = 0; m < MB; ++m)
+    for (int r = 0; r < R; ++r) acc[m][r] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < K; k += 8) {
+    __m256 wv[R];
+    for (int r = 0; r < R; ++r) wv[r] = load8(w + (n0 + r) * K + k);
+    for (int m = 0; m < MB; ++m) {
+      if (m >= mb) break;
+      const __m256 xv = _mm256_loadu_ps(x + (m0 + m) * K + k);
+      for (int r = 0; r < R; ++r) acc[m][r] = _mm256_fmadd_ps(wv[r], xv, acc[m][r]);
+    }
+  }
+  for (int m = 0; m < mb; ++m)
+    for (int r = 0; r < R; ++r) y[(m0 + m) * N + n0 + r] = hsum(acc[m][r]);
+}
+
+// x (M, K) fp32 -> xq (M, K) int8, |xq| (M, K) uint8, and per block of XB columns: scale and
+// scale * sum(xq).
+struct QuantX {
+  torch::Tensor q, a, scale, sum;
+};
+
+QuantX quantize_x(const torch::Tensor& xf, int64_t XB) {
+  const int64_t M = xf.size(0), K = xf.size(1), nb = K / XB;
+  auto opt = xf.options();
+  QuantX out{torch::empty({M, K}, opt.dtype(torch::kChar)), torch::empty({M, K}, opt.dtype(torch::kByte)),
+             torch::empty({M, nb}, opt.dtype(torch::kFloat)), torch::empty({M, nb}, opt.dtype(torch::kFloat))};
+  const float* xp = xf.data_ptr<float>();
+  int8_t* qp = out.q.data_ptr<int8_t>();
+  uint8_t* ap = out.a.data_ptr<uint8_t>();
+  float *sp = out.scale.data_ptr<float>(), *up = out.sum.data_ptr<float>();
+  for (int64_t b = 0; b < M * nb; ++b) {
+    const float* v = xp + b * XB;
+    float amax = 0.f;
+    for (int64_t i = 0; i < XB; ++i) amax = std::max(amax, std::fabs(v[i]));
+    const float scale = amax > 0.f ? amax / 127.f : 1.f, inv = 1.f / scale;
+    int32_t sum = 0;
+    for (int64_t i = 0; i < XB; ++i) {
+      const int32_t q = (int32_t)std::nearbyint(v[i] * inv);
+      qp[b * XB + i] = (int8_t)q;
+      ap[b * XB + i] = (uint8_t)std::abs(q);
+      sum += q;
+    }
+    sp[b] = scale;
+    up[b] = scale * (float)sum;
+  }
+  return out;
+}
+
+// 32 x 32 byte products summed to 8 int32 lanes: a unsigned, b signed.
+inline __m256i dot32(__m256i a, __m256i b, __m256i ones16) {
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(a, b), ones16);
+}
+
+void int8_block(const QuantX& xq, const uint8_t* w, float* y, int64_t K, int64_t N, int64_t n0, int64_t m0, int mb) {
+  const int64_t nb = K / XB8;
+  const int8_t* qp = xq.q.data_ptr<int8_t>();
+  const uint8_t* ap = xq.a.data_ptr<uint8_t>();
+  const float* sp = xq.scale.data_ptr<float>();
+  const __m256i ones16 = _mm256_set1_epi16(1), offset = _mm256_set1_epi8((char)0x80);
+  __m256 acc[MB][R];
+  for (int m = 0; m < MB; ++m)
+    for (int r = 0; r < R; ++r) acc[m][r] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    __m256i wv[R];  // signed weights q in [-127, 127]
+    for (int r = 0; r < R; ++r)
+      wv[r] = _mm256_xor_si256(_mm256_loadu_si256((const __m256i*)(w + (n0 + r) * K + b * XB8)), offset);
+    for (int m = 0; m < MB; ++m) {
+      if (m >= mb) break;
+      const int64_t off = (m0 + m) * K + b * XB8;
+      const __m256i xs = _mm256_loadu_si256((const __m256i*)(qp + off));
+      const __m256i xa = _mm256_loadu_si256((const __m256i*)(ap + off));
+      const __m256 s = _mm256_set1_ps(sp[(m0 + m) * nb + b]);
+      for (int r = 0; r < R; ++r) {
+        const __m256i d = dot32(xa, _mm256_sign_epi8(wv[r], xs), ones16);
+        acc[m][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), s, acc[m][r]);
+      }
+    }
+  }
+  for (int m = 0; m < mb; ++m)
+    for (int r = 0; r < R; ++r) y[(m0 + m) * N + n0 + r] = hsum(acc[m][r]);
+}
+
+template <int MBv>
+void int4_block(const QuantX& xq, const uint8_t* w, const float* scale, const float* lo_, float* y, int64_t K,
+                int64_t N, int64_t G, int64_t n0, int64_t m0) {
+  const int64_t ng = K / G;
+  const int8_t* qp = xq.q.data_ptr<int8_t>();
+  const float *sp = xq.scale.data_ptr<float>(), *up = xq.sum.data_ptr<float>();
+  const __m256i ones16 = _mm256_set1_epi16(1), mask = _mm256_set1_epi8(0x0F);
+  __m256 acc[MBv][R];  // touched once per group: may live in memory
+  float lacc[MBv][R] = {};
+  for (int m = 0; m < MBv; ++m)
+    for (int r = 0; r < R; ++r) acc[m][r] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < ng; ++g) {
+    __m256i d[MBv][R];
+    for (int m = 0; m < MBv; ++m)
+      for (int r = 0; r < R; ++r) d[m][r] = _mm256_setzero_si256();
+    for (int64_t k = g * G; k < (g + 1) * G; k += 64) {
+      __m256i x0[MBv], x1[MBv];
+      for (int m = 0; m < MBv; ++m) {
+        x0[m] = _mm256_loadu_si256((const __m256i*)(qp + (m0 + m) * K + k));
+        x1[m] = _mm256_loadu_si256((const __m256i*)(qp + (m0 + m) * K + k + 32));
+      }
+      for (int r = 0; r < R; ++r) {
+        const __m256i b = _mm256_loadu_si256((const __m256i*)(w + (n0 + r) * (K / 2) + k / 2));
+        const __m256i lo = _mm256_and_si256(b, mask), hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), mask);
+        for (int m = 0; m < MBv; ++m) {
+          // int16 pairs <= 3810 each, so the two halves add without saturating before widening
+          const __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(lo, x0[m]), _mm256_maddubs_epi16(hi, x1[m]));
+          d[m][r] = _mm256_add_epi32(d[m][r], _mm256_madd_epi16(p, ones16));
+        }
+      }
+    }
+    // y += scale[n,g] xs[g] sum_{k in g} q xq + lo[n,g] xs[g] sum_{k in g} xq, in the same order for every M
+    for (int m = 0; m < MBv; ++m) {
+      const float sx = sp[(m0 + m) * ng + g], ux = up[(m0 + m) * ng + g];
+      for (int r = 0; r < R; ++r) {
+        acc[m][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d[m][r]), _mm256_set1_ps(sx * scale[(n0 + r) * ng + g]),
+                                    acc[m][r]);
+        lacc[m][r] = std::fma(lo_[(n0 + r) * ng + g], ux, lacc[m][r]);  // explicit: the same rounding in every build of the loop
+      }
+    }
+  }
+  for (int m = 0; m < MBv; ++m)
+    for (int r = 0; r < R; ++r) y[(m0 + m) * N + n0 + r] = hsum(acc[m][r]) + lacc[m][r];
+}
+
+// Run f(n0, m0, mb) over all row blocks, x's rows in chunks of MB; a row block's weights stay in
+// cache while every chunk of x passes over them.
+template <typename F>
+void for_blocks(int64_t M, int64_t N, F&& f) {
+  at::parallel_for(0, N / R, 8, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b)
+      for (int64_t m0 = 0; m0 < M; m0 += MB) f(b * R, m0, (int)std::min<int64_t>(MB, M - m0));
+  });
+}
+
+torch::Tensor prepare(const torch::Tensor& x, const torch::Tensor& w, int64_t K) {
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && w.is_contiguous(), "x must be (M, K), w contiguous");
+  TORCH_CHECK(K % 32 == 0, "K must be a multiple of 32");
+  TORCH_CHECK(w.size(0) % R == 0, "N must be a multiple of ", R);
+  return x.to(torch::kFloat).contiguous();
+}
+
+torch::Tensor finish(torch::Tensor y, const c10::optional<torch::Tensor>& bias, c10::ScalarType dtype) {
+  if (bias.has_value()) y.add_(bias->to(torch::kFloat));
+  return y.to(dtype);
+}
+
+}  // namespace
+
+// y = x @ w.T + b for fp32 or bf16 w; x in any float dtype, computed in fp32, returned in x's dtype.
+torch::Tensor linear_float(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> bias) {
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  auto xf = prepare(x, w, K);
+  TORCH_CHECK(w.size(1) == K, "shape mismatch");
+  auto y = torch::empty({M, N}, xf.options());
+  const float* xp = xf.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  if (w.scalar_type() == torch::kFloat) {
+    const float* wp = w.data_ptr<float>();
+    for_blocks(M, N, [&](int64_t n0, int64_t m0, int mb) { float_block(xp, wp, yp, K, N, n0, m0, mb); });
+  } else {
+    TORCH_CHECK(w.scalar_type() == torch::kBFloat16, "fp32 or bf16 weights");
+    const uint16_t* wp = (const uint16_t*)w.data_ptr();
+    for_blocks(M, N, [&](int64_t n0, int64_t m0, int mb) { float_block(xp, wp, yp, K, N, n0, m0, mb); });
+  }
+  return finish(y, bias, x.scalar_type());
+}
+
+torch::Tensor linear_int8(torch::Tensor x, torch::Tensor w, torch::Tensor scale, c10::optional<torch::Tensor> bias) {
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  auto xf = prepare(x, w, K);
+  TORCH_CHECK(w.scalar_type() == torch::kByte && w.size(1) == K, "uint8 (int8 + 128) weights (N, K)");
+  auto xq = quantize_x(xf, XB8);
+  auto y = torch::empty({M, N}, xf.options());
+  const uint8_t* wp = w.data_ptr<uint8_t>();
+  float* yp = y.data_ptr<float>();
+  for_blocks(M, N, [&](int64_t n0, int64_t m0, int mb) { int8_block(xq, wp, yp, K, N, n0, m0, mb); });
+  y.mul_(scale.to(torch::kFloat));
+  return finish(y, bias, x.scalar_type());
+}
+
+torch::Tensor linear_int4(torch::Tensor x, torch::Tensor w, torch::Tensor scale, torch::Tensor lo,
+                          int64_t G, c10::optional<torch::Tensor> bias) {
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  auto xf = prepare(x, w, K);
+  TORCH_CHECK(w.scalar_type() == torch::kByte && w.size(1) * 2 == K, "packed uint8 weights (N, K/2)");
+  TORCH_CHECK(G % 64 == 0 && K % G == 0, "group size must be a multiple of 64 dividing K");
+  auto xq = quantize_x(xf, G);
+  auto sf = scale.to(torch::kFloat).contiguous(), lf = lo.to(torch::kFloat).contiguous();
+  auto y = torch::empty({M, N}, xf.options());
+  const uint8_t* wp = w.data_ptr<uint8_t>();
+  const float *sp = sf.data_ptr<float>(), *lp = lf.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  for_blocks(M, N, [&](int64_t n0, int64_t m0, int mb) {
+    if (mb == 2) int4_block<2>(xq, wp, sp, lp, yp, K, N, G, n0, m0);
+    else int4_block<1>(xq, wp, sp, lp, yp, K, N, G, n0, m0);
+  });
+  return finish(y, bias, x.scalar_type());
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("linear_float", &linear_float, "y = x @ w.T + b, fp32 or bf16 weights, fp32 arithmetic (AVX2/FMA)");
+  m.def("linear_int8", &linear_int8, "y = (x @ q.T) * scale + b, int8 weights (AVX2)");
+  m.def("linear_int4", &linear_int4, "y = x @ (q * scale + lo).T + b, 4-bit group-wise weights (AVX2)");
+}
