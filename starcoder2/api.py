@@ -25,7 +25,7 @@ from .checkpoint import CheckpointError, load_model, read_config, read_quantizat
 from .config import ModelConfig
 from .device import fast_bf16, resolve_device, resolve_dtype
 from .infer.generate import SamplingParams, generate_tokens
-from .infer.quantize import is_quant_target, prequantized_layers, quantize_model, use_native_kernels
+from .infer.quantize import is_quant_target, prequantized_layers, quantize_head, quantize_model, use_native_kernels
 from .infer.text import TextStream
 from .model import StarCoder2
 from .prompts import default_stop_ids, fim_prompt
@@ -143,10 +143,11 @@ class LoadedModel:
 
 def load_for_inference(path: Path, dtype: str | torch.dtype | None = None, device: str | torch.device | None = None,
                        quantize: str | None = None, group_size: int = 128, native: bool = True,
-                       adapter: str | os.PathLike | None = None) -> tuple[StarCoder2, ModelConfig]:
+                       adapter: str | os.PathLike | None = None, head: bool = True) -> tuple[StarCoder2, ModelConfig]:
     """The model as `load` prepares it: cast, a LoRA adapter merged in, optionally quantized
     (streamed: each weight is read, merged, quantized and freed before the next, so peak memory stays
-    near the quantized size), and with the native decode kernels where the CPU has them."""
+    near the quantized size; `head`: the LM head too, to int8, `quantize_head`), and with the native
+    decode kernels where the CPU has them."""
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     stored = read_quantization_config(path)  # a pre-quantized checkpoint (convert --quantize)
@@ -176,6 +177,8 @@ def load_for_inference(path: Path, dtype: str | torch.dtype | None = None, devic
             return lora.merged_weight(name, weight) if lora is not None else weight
 
         quantize_model(model, quantize, group_size=group_size, dtype=dt, load_weight=load_weight)
+    if head and (quantize is not None or stored is not None):
+        quantize_head(model)  # after loading: pre-quantized files keep the float head, tied or not
     if native and dev.type == "cpu":
         use_native_kernels(model)  # ~2x faster decode than torch's GEMV (AVX-512 bf16, AVX2 fp32/bf16)
     return model, config

@@ -475,8 +475,7 @@ class _Transformers:
 
 
 class _LlamaCpp:
-    """llama.cpp through llama-cpp-python, greedy. Untested on the machine this was written on
-    (llama-cpp-python was not installed there); the API calls are those of llama-cpp-python 0.3.x."""
+    """llama.cpp through llama-cpp-python 0.3.x, greedy."""
 
     def __init__(self, gguf: Path, threads: int, n_ctx: int):
         from llama_cpp import Llama
@@ -614,7 +613,10 @@ import sys
 conv, hf_dir, out, outtype = sys.argv[1:5]
 sys.path.insert(0, conv.rsplit("/", 1)[0])
 import convert_hf_to_gguf as c  # puts its own gguf-py first on sys.path (PyPI gguf is too old)
-base = getattr(c, "TextModel", None) or c.Model
+try:  # llama.cpp >= 2026: the model classes live in the conversion package
+    from conversion.base import TextModel as base
+except ImportError:
+    base = getattr(c, "TextModel", None) or c.Model
 orig = base.get_vocab_base_pre
 def pre(self, tokenizer):  # our stand-in BPE's pre-tokenizer hash is unknown to the converter
     try:
@@ -631,8 +633,7 @@ def convert_to_gguf(ckpt: Path, workdir: Path, variants: list[str], src: str | N
                     threads: int) -> tuple[dict[str, Path], list[str]]:
     """GGUF files for the llama.cpp variants, cached under workdir: {variant: path}, notes.
 
-    UNTESTED on the machine this was written on: llama-cpp-python was not installed there. It
-    follows performance.md: `convert_hf_to_gguf.py` from a llama.cpp tree (`--llama-cpp-src`, e.g.
+    Follows performance.md (run with llama-cpp-python 0.3.36's vendored tree): `convert_hf_to_gguf.py` from a llama.cpp tree (`--llama-cpp-src`, e.g.
     the `vendor/llama.cpp` of the llama-cpp-python sdist, whose own gguf-py it uses), with the
     pre-tokenizer reported as "starcoder"; Q8_0/Q4_0 by `llama_cpp.llama_model_quantize` from the
     BF16 file. The converter needs a tokenizer: a checkpoint without one gets a small BPE trained on

@@ -163,7 +163,7 @@ def cmd_convert(args: argparse.Namespace) -> None:
         from .infer.quantize import quantization_config
         dtype = resolve_dtype("bf16" if args.dtype == "keep" else args.dtype)  # the activation dtype
         model, _ = load_for_inference(src, dtype, "cpu", quantize=args.quantize, group_size=args.group_size,
-                                      native=False)
+                                      native=False, head=False)  # the head is quantized when loaded
         save_model(model, out, max_shard_size=args.max_shard_size, tokenizer_dir=src,
                    quantization_config=quantization_config(model))
     else:
@@ -387,7 +387,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     if args.draft_model:
         from .api import load_for_inference
         from .checkpoint import resolve
-        draft, _ = load_for_inference(resolve(args.draft_model), lm.model.embed_tokens.weight.dtype, lm.device)
+        draft, _ = load_for_inference(resolve(args.draft_model), lm.model.norm.weight.dtype, lm.device)
         settings.setdefault("num_draft", 5)
     app = create_app(lm, draft_model=draft, api_key=api_key, **settings)
     print(f"starcoder2: serving {app.state.server.lm.path} on http://{args.host}:{args.port}"

@@ -83,12 +83,13 @@ def test_missing_tokenizer_is_a_checkpoint_error(tiny_checkpoint, tmp_path):
 @pytest.mark.parametrize("mode", ["int8", "int4"])
 def test_quantized_load_streams_and_equals_quantizing_a_loaded_model(tiny_checkpoint, mode):
     from starcoder2.checkpoint import load_model
-    from starcoder2.infer.quantize import QuantizedLinear, quantize_model, use_native_kernels
+    from starcoder2.infer.quantize import QuantizedLinear, quantize_head, quantize_model, use_native_kernels
     streamed = starcoder2.load(tiny_checkpoint, quantize=mode, group_size=64)
-    assert sum(isinstance(m, QuantizedLinear) for m in streamed.model.modules()) == 12
+    assert sum(isinstance(m, QuantizedLinear) for m in streamed.model.modules()) == 12 + 1  # + the int8 head
     assert not any(p.is_meta for p in streamed.model.parameters())
     full, _ = load_model(tiny_checkpoint, torch.float32)  # quantized from the stored precision, as streamed
-    quantize_model(full, mode, group_size=64, dtype=streamed.model.embed_tokens.weight.dtype)  # "auto"
+    quantize_model(full, mode, group_size=64, dtype=streamed.model.norm.weight.dtype)  # "auto"
+    quantize_head(full)
     use_native_kernels(full)
     ids = torch.tensor([streamed.tokenizer.encode("def f(x):\n    return x + 1\n")])
     with torch.no_grad():

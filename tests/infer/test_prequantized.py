@@ -33,12 +33,16 @@ def prequantized(tiny_checkpoint, tmp_path_factory):
 def test_logits_identical_to_quantize_at_load(prequantized, tiny_checkpoint, mode, monkeypatch):
     # bf16 on both sides: the file keeps embeddings and norms in bf16, the tiny checkpoint in fp32
     at_load = starcoder2.load(tiny_checkpoint, quantize=mode, group_size=64, dtype="bf16")
-    # loading the saved buffers must not quantize anything
-    for fn in ("quantize_int8", "quantize_int4", "quantize_model"):
+    # loading the saved buffers must not quantize the layers again: only the LM head (int8, from the
+    # float embedding the file keeps) is quantized at load
+    for fn in ("quantize_int4", "quantize_model"):
         monkeypatch.setattr(quant, fn, lambda *a, **k: pytest.fail("re-quantized at load"))
+    calls, int8 = [], quant.quantize_int8
+    monkeypatch.setattr(quant, "quantize_int8", lambda w: calls.append(w.shape) or int8(w))
     stored = starcoder2.load(prequantized[mode], dtype="bf16")
+    assert calls == [(stored.config.vocab_size, stored.config.hidden_size)]
     layers = [m for m in stored.model.modules() if isinstance(m, quant.QuantizedLinear)]
-    assert len(layers) == 6 * stored.config.num_layers and all(m.mode == mode for m in layers)
+    assert len(layers) == 6 * stored.config.num_layers + 1 and all(m.mode == mode for m in layers[:-1])
     with torch.no_grad():
         assert torch.equal(stored.model(IDS), at_load.model(IDS))
     assert stored.generate(IDS[0].tolist(), max_new_tokens=8) == at_load.generate(IDS[0].tolist(), max_new_tokens=8)
@@ -71,7 +75,7 @@ def test_awq_scales_round_trip(tiny_checkpoint, tmp_path):
     qc = quant.quantization_config(model)
     assert qc["awq_layers"] == ["layers.0.self_attn.q_proj", "layers.1.mlp.c_proj"]
     out = save_model(model, tmp_path / "awq", tokenizer_dir=tiny_checkpoint, quantization_config=qc)
-    loaded, _ = load_for_inference(out, dtype="bf16", native=False)  # the dtype the model was built in
+    loaded, _ = load_for_inference(out, dtype="bf16", native=False, head=False)  # as the model was built
     by_name = dict(loaded.named_modules())
     assert [n for n, m in by_name.items() if getattr(m, "in_scale", None) is not None] == qc["awq_layers"]
     for m in loaded.modules():

@@ -10,9 +10,9 @@ from torch import nn
 from starcoder2.config import tiny
 from starcoder2.infer.engine import Engine
 from starcoder2.infer.generate import SamplingParams, generate
-from starcoder2.infer.quantize import (NativeLinear, QuantizedLinear, activation_stats, awq_scale,
-                                       dequantize_int4, pack_int4, quantize_int4, quantize_int8, quantize_model,
-                                       unpack_int4, use_native_kernels)
+from starcoder2.infer.quantize import (NativeLinear, QuantizedEmbedding, QuantizedLinear, activation_stats,
+                                       awq_scale, dequantize_int4, pack_int4, quantize_head, quantize_int4,
+                                       quantize_int8, quantize_model, unpack_int4, use_native_kernels)
 from starcoder2.kernels import native
 from starcoder2.model import StarCoder2
 
@@ -172,3 +172,29 @@ def test_calibrated_int4_model_not_worse_than_plain(model):
 def test_unknown_mode():
     with pytest.raises(ValueError, match="int8 or int4"):
         quantize_model(StarCoder2(tiny()), "int2")
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_int8_head_and_the_tied_embedding_that_reads_it(tied):
+    torch.manual_seed(0)
+    m = StarCoder2(tiny().replace(hidden_size=128, intermediate_size=512, num_heads=4, tie_word_embeddings=tied))
+    m.init_weights()
+    m.eval()
+    old = m.embed_tokens.weight
+    emb = old.detach().clone()
+    ids = torch.randint(0, m.config.vocab_size, (2, 30))
+    with torch.no_grad():
+        ref = m(ids)
+        quantize_head(m)
+        got = m(ids)
+    assert isinstance(m.lm_head, QuantizedLinear) and m.lm_head.mode == "int8"
+    assert isinstance(m.embed_tokens, QuantizedEmbedding) == tied
+    if tied:  # the float matrix is gone: rows come from the int8 head, within half a step of the float ones
+        assert all(p is not old for p in m.parameters())
+        rows = m.embed_tokens(ids)
+        step = m.lm_head.scale[ids][..., None]
+        assert rows.shape == (2, 30, 128) and ((rows - emb[ids]).abs() <= step / 2 + 1e-6).all()
+    rel = ((got - ref).norm() / ref.norm()).item()
+    assert 0 < rel < 0.02, rel
+    quantize_head(m)  # idempotent
+    assert isinstance(m.lm_head, QuantizedLinear)
