@@ -11,6 +11,12 @@ for decode at any length (reference §2.4). Two write modes keep that exact:
 - several new tokens (prefill, chunked prefill): attend over [cached keys, new keys] first, then write
   the last min(T, S) new tokens. Writing first could overwrite keys the chunk's first queries need.
 Without a window (or when max_seq_len < W) S = max_seq_len, and a position >= S raises.
+
+Speculative verification (`speculate`, then one forward pass over T tokens, then `accept(n)`) runs
+its attention as T decode steps, each over exactly the keys, slots and mask that one-token decode
+would use at that position, writing as it goes and saving what it overwrites; `accept(n)` restores
+the slots of the rejected tokens. With row-exact matrix products (the native CPU kernels) the verify
+pass then gives the logits of plain decoding bit for bit, so speculation never changes an output.
 """
 
 from __future__ import annotations
@@ -33,6 +39,15 @@ def _row_index(rows: Rows, batch: int, device: torch.device) -> torch.Tensor:
 
 
 @dataclass
+class DecodeStep:
+    """Token t of a speculative pass, attended as one-token decode at its position would be."""
+
+    slots: torch.Tensor  # (B, 1) slot written
+    n_cached: int  # cached slots [0:n_cached] take part in attention
+    mask: torch.Tensor  # (B, 1, 1, n_cached) bool
+
+
+@dataclass
 class CachePlan:
     """What one forward pass does with the cache; built once, used by every layer."""
 
@@ -42,8 +57,9 @@ class CachePlan:
     n_cached: int  # cached slots [0:n_cached] take part in attention
     append_new: bool  # True: attend over [cache, new]; False: write first, attend over cache
     mask: torch.Tensor  # (B, 1, T, n_keys) bool, True = attend
-    deferred: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # speculative: new k, v per layer, unwritten
-    input_pos: torch.Tensor | None = None  # speculative: positions of the deferred tokens
+    steps: list[DecodeStep] | None = None  # speculative: one decode step per new token
+    undo: list[list[tuple[torch.Tensor, torch.Tensor]]] | None = None  # speculative: per layer, overwritten k, v
+    input_pos: torch.Tensor | None = None  # speculative: positions of the new tokens
 
 
 class KVCache:
@@ -88,31 +104,51 @@ class KVCache:
         max_pos = int(input_pos.max())
         if not self.ring and max_pos >= S:
             raise ValueError(f"position {max_pos} exceeds the KV cache capacity of {S} tokens")
-        defer = self._speculating is not None
-        append_new = T > 1 or defer
-        write_from = max(0, T - S) if append_new and not defer else 0
+        slot_pos = self.slot_pos if rows is None else self.slot_pos[rows]  # (B, S); a view for a slice
+        if self._speculating is not None:
+            return self._speculative_plan(input_pos, rows, slot_pos)
+        append_new = T > 1
+        write_from = max(0, T - S) if append_new else 0
         slots = input_pos[:, write_from:] % S  # (B, T_write)
         n_cached = self.n_used if append_new else min(S, max(self.n_used, max_pos + 1))
-
-        slot_pos = self.slot_pos if rows is None else self.slot_pos[rows]  # (B, S); a view for a slice
         if append_new:
             key_pos = torch.cat([slot_pos[:, :n_cached], input_pos], dim=1)  # (B, n_cached + T)
         else:
             key_pos = slot_pos[:, :n_cached].clone()
             key_pos.scatter_(1, slots, input_pos)  # the new token is written before attention
+        return CachePlan(rows, slots, write_from, n_cached, append_new, self._mask(input_pos, key_pos))
+
+    def _mask(self, input_pos: torch.Tensor, key_pos: torch.Tensor) -> torch.Tensor:
+        """(B, T) query and (B, n_keys) key positions (-1: empty) -> (B, 1, T, n_keys), True = attend."""
         q = input_pos[:, :, None]  # (B, T, 1)
         k = key_pos[:, None, :]  # (B, 1, n_keys)
         mask = (k >= 0) & (k <= q)
         if self.window is not None:
             mask &= k > q - self.window
-        plan = CachePlan(rows, slots, write_from, n_cached, append_new, mask[:, None], [] if defer else None)
-        if defer:
-            self._speculating.append(plan)
+        return mask[:, None]
+
+    def _speculative_plan(self, input_pos: torch.Tensor, rows: Rows, slot_pos: torch.Tensor) -> CachePlan:
+        """The T decode steps of a verify pass: slots, key counts and masks as `plan` gives one-token
+        decode after the earlier tokens were committed (followed on a copy of slot_pos and n_used)."""
+        B, T = input_pos.shape
+        if T > self.capacity:
+            raise ValueError("a speculative step cannot be longer than the cache")
+        slot_pos, n_used, steps = slot_pos.clone(), self.n_used, []
+        for t in range(T):
+            pos = input_pos[:, t:t + 1]  # (B, 1)
+            slots = pos % self.capacity
+            n_cached = min(self.capacity, max(n_used, int(pos.max()) + 1))
+            slot_pos.scatter_(1, slots, pos)
+            steps.append(DecodeStep(slots, n_cached, self._mask(pos, slot_pos[:, :n_cached])))
+            n_used = min(self.capacity, max(n_used, int(slots.max()) + 1))
+        plan = CachePlan(rows, input_pos % self.capacity, 0, self.n_used, False, steps[-1].mask, steps=steps,
+                         undo=[])
+        self._speculating.append(plan)
         return plan
 
     def commit(self, plan: CachePlan, input_pos: torch.Tensor) -> None:
         """Record the positions written by the forward pass that used `plan`."""
-        if plan.deferred is not None:
+        if plan.steps is not None:  # speculative: positions are committed by accept()
             plan.input_pos = input_pos
             return
         pos = input_pos[:, plan.write_from:]
@@ -130,33 +166,46 @@ class KVCache:
         if plan.append_new:
             k_all = torch.cat([kc[rows, :, :plan.n_cached], k], dim=2)
             v_all = torch.cat([vc[rows, :, :plan.n_cached], v], dim=2)
-        if plan.deferred is not None:  # speculative: keep the new entries until some are accepted
-            plan.deferred.append((k, v))
-            return k_all, v_all
         self._write(layer, plan, k[:, :, plan.write_from:], v[:, :, plan.write_from:])
         if plan.append_new:
             return k_all, v_all
         return kc[rows, :, :plan.n_cached], vc[rows, :, :plan.n_cached]  # views unless rows is a tensor
 
-    # ---- speculative decoding: attend to draft tokens, keep only the accepted ones --------------
+    # ---- speculative decoding: attend as decode would, keep only the accepted tokens -----------
 
     def speculate(self) -> None:
-        """The next forward pass attends to its tokens without writing them; `accept(n)` then writes
-        its first n tokens. Rejected drafts therefore never overwrite live ring-buffer entries."""
+        """The next forward pass is a verify pass (`update_step` per token); `accept(n)` then keeps
+        its first n tokens and restores what the others overwrote."""
         self._speculating = []
+
+    def update_step(self, layer: int, plan: CachePlan, t: int, k: torch.Tensor, v: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token t of a verify pass, k, v (B, n_kv_head, 1, head_dim): written to its slot as decode
+        writes it (the old entry saved for `accept`); returns the keys and values decode would attend
+        over, (B, n_kv_head, n_cached, head_dim), views unless rows is a tensor."""
+        step, rows = plan.steps[t], slice(None) if plan.rows is None else plan.rows
+        if t == 0:
+            plan.undo.append([])
+        r = _row_index(plan.rows, k.shape[0], k.device)[:, None]
+        kc, vc = self.k[layer], self.v[layer]
+        plan.undo[layer].append((kc[r, :, step.slots].clone(), vc[r, :, step.slots].clone()))
+        self._write(layer, CachePlan(plan.rows, step.slots, 0, 0, False, step.mask), k, v)
+        return kc[rows, :, :step.n_cached], vc[rows, :, :step.n_cached]
 
     def accept(self, n: int) -> None:
         plans, self._speculating = self._speculating, None
-        if not plans or plans[0].input_pos is None:  # the forward pass failed: nothing to write
+        if not plans:
             return
         (plan,) = plans
-        if plan.slots.shape[1] > self.capacity:
-            raise ValueError("a speculative step cannot be longer than the cache")
-        plan.slots, plan.write_from = plan.slots[:, :n], 0
-        layers, plan.deferred = plan.deferred, None
-        for layer, (k, v) in enumerate(layers):
-            self._write(layer, plan, k[:, :, :n], v[:, :, :n])
-        self.commit(plan, plan.input_pos[:, :n])
+        for layer, saved in enumerate(plan.undo):  # rejected tokens (or all, if the pass failed)
+            for t in reversed(range(n if plan.input_pos is not None else 0, len(saved))):
+                r = _row_index(plan.rows, saved[t][0].shape[0], self.k.device)[:, None]
+                self.k[layer][r, :, plan.steps[t].slots] = saved[t][0]
+                self.v[layer][r, :, plan.steps[t].slots] = saved[t][1]
+        if plan.input_pos is None or n == 0:
+            return
+        for step, t in zip(plan.steps[:n], range(n)):  # commit as n decode steps would
+            self.commit(CachePlan(plan.rows, step.slots, 0, 0, False, step.mask), plan.input_pos[:, t:t + 1])
 
     def _write(self, layer: int, plan: CachePlan, k: torch.Tensor, v: torch.Tensor) -> None:
         r = _row_index(plan.rows, k.shape[0], k.device)

@@ -60,24 +60,35 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
         v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if kv_cache is not None and plan.steps is not None:
+            # Speculative verify: token by token, as one-token decode computes it (same keys, same
+            # kernel), so the verified logits equal plain decoding's (see kv_cache.py).
+            ys = []
+            for t in range(T):
+                kt, vt = kv_cache.update_step(layer, plan, t, k[:, :, t:t + 1], v[:, :, t:t + 1])
+                ys.append(self._attend(q[:, :, t:t + 1], kt, vt, plan.steps[t].mask))
+            return F.dropout(self.o_proj(torch.cat(ys, dim=1)), self.residual_dropout, self.training)
         if kv_cache is not None:
             k, v = kv_cache.update(layer, plan, k, v)  # (B, nkv, n_keys, hd)
             mask = plan.mask
+        return F.dropout(self.o_proj(self._attend(q, k, v, mask)), self.residual_dropout, self.training)
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """q (B, nh, T, hd), k/v (B, nkv, n_keys, hd), mask (B, 1, T, n_keys) or None (causal) -> (B, T, nh*hd)."""
+        B, _, T, _ = q.shape
         rep = self.n_head // self.n_kv_head
         if T == 1 and rep > 1 and mask is not None:
             # Decode: fold each KV head's query group into the query axis, (B, nkv, rep, hd). Same
             # maths as enable_gqa, but SDPA's CPU kernel runs ~10x faster in bf16 this way.
-            y = F.scaled_dot_product_attention(q.view(B, self.n_kv_head, rep, self.head_dim), k, v,
+            y = F.scaled_dot_product_attention(q.reshape(B, self.n_kv_head, rep, self.head_dim), k, v,
                                                attn_mask=mask, scale=1.0 / math.sqrt(self.head_dim))
-            y = y.reshape(B, T, self.n_head * self.head_dim)  # (B, nkv, rep, hd) -> (B, 1, nh*hd)
-            return F.dropout(self.o_proj(y), self.residual_dropout, self.training)
+            return y.reshape(B, T, self.n_head * self.head_dim)  # (B, nkv, rep, hd) -> (B, 1, nh*hd)
         # SDPA: softmax in fp32 internally; GQA without materialising repeated K/V. mask None -> causal.
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=mask is None,
             dropout_p=self.attention_dropout if self.training else 0.0,
             scale=1.0 / math.sqrt(self.head_dim), enable_gqa=self.n_kv_head != self.n_head)
-        y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)  # (B, T, nh*hd)
-        return F.dropout(self.o_proj(y), self.residual_dropout, self.training)
+        return y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)  # (B, T, nh*hd)
 
 
 class MLP(nn.Module):
