@@ -161,6 +161,9 @@ class QuantizedLinear(nn.Module):
     def _stored_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The quantized weight as floats, (N, K), before undoing any AWQ input scaling. For prefill
         it is built directly in the activation dtype: half the memory traffic of an fp32 detour."""
+        k = native() if self.kernel == "native" and self.weight.device.type == "cpu" else None
+        if k is not None and (w := k.dequantize(self, dtype)) is not None:
+            return w
         if self.mode == "int8":
             return (self.weight.to(dtype) - 128) * self.scale.to(dtype)[:, None]
         q = unpack_int4(self.weight) if self.weight.shape[1] != self.in_features else self.weight

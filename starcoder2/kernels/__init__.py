@@ -25,17 +25,19 @@ import torch
 from ..device import cpu_flags
 
 HERE = Path(__file__).parent
-# instruction set -> (source, CPU flags it needs); the first one the CPU has wins
+# instruction set -> (source, CPU flags it needs, extra compiler flags); the first one the CPU has wins.
+# -ffp-contract=off: a*b+c in plain C++ stays two roundings, as torch computes it (the dequantizers
+# match the reference path bit for bit); the intrinsics' FMAs are explicit and unaffected.
 BUILDS = {
-    "avx512": ("cpu_linear.cpp", ("avx512f", "avx512bw", "avx512vl", "avx512_bf16", "avx512_vnni")),
-    "avx2": ("cpu_linear_avx2.cpp", ("avx2", "fma")),
+    "avx512": ("cpu_linear.cpp", ("avx512f", "avx512bw", "avx512vl", "avx512_bf16", "avx512_vnni"), []),
+    "avx2": ("cpu_linear_avx2.cpp", ("avx2", "fma"), ["-ffp-contract=off"]),
 }
 
 
 def cpu_isa(flags: frozenset[str] | None = None) -> str | None:
     """The best kernel build this CPU runs ("avx512" | "avx2"), or None."""
     flags = cpu_flags() if flags is None else flags
-    return next((isa for isa, (_, need) in BUILDS.items() if all(f in flags for f in need)), None)
+    return next((isa for isa, (_, need, _) in BUILDS.items() if all(f in flags for f in need)), None)
 
 
 def cpu_supported() -> bool:
@@ -70,6 +72,15 @@ class Kernels:
     def linear_int4(self, x, w, scale, lo, group_size, bias):
         return self.module.linear_int4(x, w, scale, lo, group_size, bias)
 
+    def dequantize(self, layer, dtype: torch.dtype) -> torch.Tensor | None:
+        """A QuantizedLinear's stored weight as floats (N, K) in one pass, or None where this build
+        has no dequantizer (AVX-512: torch's ops do it)."""
+        if not hasattr(self.module, "dequantize_int8"):
+            return None
+        if layer.mode == "int8":
+            return self.module.dequantize_int8(layer.weight, layer.scale, dtype)
+        return self.module.dequantize_int4(layer.weight, layer.scale, layer.lo, layer.group_size, dtype)
+
 
 @functools.cache
 def native() -> Kernels | None:
@@ -77,11 +88,12 @@ def native() -> Kernels | None:
     isa = cpu_isa()
     if os.environ.get("STARCODER2_NATIVE_KERNELS", "1") == "0" or isa is None:
         return None
-    source = HERE / BUILDS[isa][0]
+    source, flags = HERE / BUILDS[isa][0], BUILDS[isa][2]
     try:
         from torch.utils.cpp_extension import load
         module = load(name=f"starcoder2_{source.stem}", sources=[str(source)],
-                      extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)
+                      extra_cflags=["-O3", "-march=native", "-fopenmp", *flags], extra_ldflags=["-fopenmp"],
+                      verbose=False)
     except Exception as e:  # a missing compiler or ninja: fall back, but say so
         print(f"starcoder2: native CPU kernels unavailable ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
               "using torch's kernels", file=sys.stderr)

@@ -148,21 +148,28 @@ void int4_block(const QuantX& xq, const uint8_t* w, const float* scale, const fl
     __m256i d[MBv][R];
     for (int m = 0; m < MBv; ++m)
       for (int r = 0; r < R; ++r) d[m][r] = _mm256_setzero_si256();
-    for (int64_t k = g * G; k < (g + 1) * G; k += 64) {
-      __m256i x0[MBv], x1[MBv];
-      for (int m = 0; m < MBv; ++m) {
-        x0[m] = _mm256_loadu_si256((const __m256i*)(qp + (m0 + m) * K + k));
-        x1[m] = _mm256_loadu_si256((const __m256i*)(qp + (m0 + m) * K + k + 32));
-      }
-      for (int r = 0; r < R; ++r) {
-        const __m256i b = _mm256_loadu_si256((const __m256i*)(w + (n0 + r) * (K / 2) + k / 2));
-        const __m256i lo = _mm256_and_si256(b, mask), hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), mask);
+    // int16 sums over up to 4 blocks of 64 columns (each block's pairs add to <= 2 * 3810, four to
+    // <= 30480 < 32768), widened to int32 once per 256 columns instead of once per 64
+    for (int64_t k0 = g * G; k0 < (g + 1) * G; k0 += 256) {
+      __m256i p16[MBv][R];
+      for (int m = 0; m < MBv; ++m)
+        for (int r = 0; r < R; ++r) p16[m][r] = _mm256_setzero_si256();
+      for (int64_t k = k0; k < std::min<int64_t>(k0 + 256, (g + 1) * G); k += 64) {
+        __m256i x0[MBv], x1[MBv];
         for (int m = 0; m < MBv; ++m) {
-          // int16 pairs <= 3810 each, so the two halves add without saturating before widening
-          const __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(lo, x0[m]), _mm256_maddubs_epi16(hi, x1[m]));
-          d[m][r] = _mm256_add_epi32(d[m][r], _mm256_madd_epi16(p, ones16));
+          x0[m] = _mm256_loadu_si256((const __m256i*)(qp + (m0 + m) * K + k));
+          x1[m] = _mm256_loadu_si256((const __m256i*)(qp + (m0 + m) * K + k + 32));
+        }
+        for (int r = 0; r < R; ++r) {
+          const __m256i b = _mm256_loadu_si256((const __m256i*)(w + (n0 + r) * (K / 2) + k / 2));
+          const __m256i lo = _mm256_and_si256(b, mask), hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), mask);
+          for (int m = 0; m < MBv; ++m)
+            p16[m][r] = _mm256_add_epi16(p16[m][r], _mm256_add_epi16(_mm256_maddubs_epi16(lo, x0[m]),
+                                                                     _mm256_maddubs_epi16(hi, x1[m])));
         }
       }
+      for (int m = 0; m < MBv; ++m)
+        for (int r = 0; r < R; ++r) d[m][r] = _mm256_add_epi32(d[m][r], _mm256_madd_epi16(p16[m][r], ones16));
     }
     // y += scale[n,g] xs[g] sum_{k in g} q xq + lo[n,g] xs[g] sum_{k in g} xq, in the same order for every M
     for (int m = 0; m < MBv; ++m) {
@@ -253,7 +260,53 @@ torch::Tensor linear_int4(torch::Tensor x, torch::Tensor w, torch::Tensor scale,
   return finish(y, bias, x.scalar_type());
 }
 
+// Prefill multiplies by GEMM, so the weights are dequantized first: one parallel pass that writes
+// each float once (torch's elementwise to/sub/mul chain made three passes and three temporaries).
+torch::Tensor dequantize_int8(torch::Tensor w, torch::Tensor scale, c10::ScalarType dtype) {
+  TORCH_CHECK(w.scalar_type() == torch::kByte && w.dim() == 2 && w.is_contiguous(), "uint8 (N, K) weights");
+  const int64_t N = w.size(0), K = w.size(1);
+  auto sf = scale.to(torch::kFloat).contiguous();
+  auto out = torch::empty({N, K}, w.options().dtype(torch::kFloat));
+  const uint8_t* wp = w.data_ptr<uint8_t>();
+  const float* sp = sf.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n) {
+      const float s = sp[n];
+      for (int64_t k = 0; k < K; ++k) op[n * K + k] = ((float)wp[n * K + k] - 128.f) * s;
+    }
+  });
+  return out.to(dtype);
+}
+
+torch::Tensor dequantize_int4(torch::Tensor w, torch::Tensor scale, torch::Tensor lo, int64_t G, c10::ScalarType dtype) {
+  TORCH_CHECK(w.scalar_type() == torch::kByte && w.dim() == 2 && w.is_contiguous(), "packed uint8 (N, K/2) weights");
+  const int64_t N = w.size(0), K = w.size(1) * 2, ng = K / G;
+  TORCH_CHECK(G % 64 == 0 && K % G == 0, "group size must be a multiple of 64 dividing K");
+  auto sf = scale.to(torch::kFloat).contiguous(), lf = lo.to(torch::kFloat).contiguous();
+  auto out = torch::empty({N, K}, w.options().dtype(torch::kFloat));
+  const uint8_t* wp = w.data_ptr<uint8_t>();
+  const float *sp = sf.data_ptr<float>(), *lp = lf.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n)
+      for (int64_t b = 0; b < K / 64; ++b) {  // block of 64 columns: byte j = column j | column j + 32 << 4
+        const int64_t g = b * 64 / G;
+        const float s = sp[n * ng + g], l = lp[n * ng + g];
+        const uint8_t* src = wp + n * (K / 2) + b * 32;
+        float* dst = op + n * K + b * 64;
+        for (int j = 0; j < 32; ++j) {
+          dst[j] = (float)(src[j] & 15) * s + l;
+          dst[j + 32] = (float)(src[j] >> 4) * s + l;
+        }
+      }
+  });
+  return out.to(dtype);
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("dequantize_int8", &dequantize_int8, "(q + 128 as uint8, scale) -> float weights (N, K)");
+  m.def("dequantize_int4", &dequantize_int4, "(packed 4-bit, scale, lo, G) -> float weights (N, K)");
   m.def("linear_float", &linear_float, "y = x @ w.T + b, fp32 or bf16 weights, fp32 arithmetic (AVX2/FMA)");
   m.def("linear_int8", &linear_int8, "y = (x @ q.T) * scale + b, int8 weights (AVX2)");
   m.def("linear_int4", &linear_int4, "y = x @ (q * scale + lo).T + b, 4-bit group-wise weights (AVX2)");
