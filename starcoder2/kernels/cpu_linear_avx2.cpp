@@ -20,6 +20,10 @@
 // not depend on how many rows are multiplied with it: a speculative verify pass (M = k + 1) gives
 // bit-for-bit the logits of one-token decode.
 //
+// The int kernels prefetch the next row block while they work on this one: they spend more
+// instructions per byte than the float loop, and without it each core kept too few misses in flight
+// (int4 decode products went from ~16 to 21-27 GB/s over 2 cores on an AVX2 EPYC; int8 +5-10 %).
+//
 // Work is split over blocks of R output rows with at::parallel_for (torch's thread pool).
 // Requires K % 32 == 0 (int8: K % 32 == 0, int4: G % 64 == 0 and K % G == 0) and N % R == 0; the
 // Python side checks and falls back to torch otherwise.
@@ -114,6 +118,11 @@ void int8_block(const QuantX& xq, const uint8_t* w, float* y, int64_t K, int64_t
   for (int m = 0; m < MB; ++m)
     for (int r = 0; r < R; ++r) acc[m][r] = _mm256_setzero_ps();
   for (int64_t b = 0; b < nb; ++b) {
+    {  // the next row block (R * K contiguous bytes), two lines per 32 columns of this one
+      const char* next = (const char*)(w + (n0 + R) * K) + b * XB8 * R;
+      _mm_prefetch(next, _MM_HINT_T0);
+      _mm_prefetch(next + 64, _MM_HINT_T0);
+    }
     __m256i wv[R];  // signed weights q in [-127, 127]
     for (int r = 0; r < R; ++r)
       wv[r] = _mm256_xor_si256(_mm256_loadu_si256((const __m256i*)(w + (n0 + r) * K + b * XB8)), offset);
@@ -159,6 +168,11 @@ void int4_block(const QuantX& xq, const uint8_t* w, const float* scale, const fl
         for (int m = 0; m < MBv; ++m) {
           x0[m] = _mm256_loadu_si256((const __m256i*)(qp + (m0 + m) * K + k));
           x1[m] = _mm256_loadu_si256((const __m256i*)(qp + (m0 + m) * K + k + 32));
+        }
+        {  // the next row block (R * K/2 contiguous bytes), two lines per 64 columns of this one
+          const char* next = (const char*)(w + (n0 + R) * (K / 2)) + k * R / 2;
+          _mm_prefetch(next, _MM_HINT_T0);
+          _mm_prefetch(next + 64, _MM_HINT_T0);
         }
         for (int r = 0; r < R; ++r) {
           const __m256i b = _mm256_loadu_si256((const __m256i*)(w + (n0 + r) * (K / 2) + k / 2));
