@@ -214,7 +214,14 @@ def test_canonical_solutions_pass_on_the_real_files(name, n, extra):
     problems = task.load(BENCHMARKS)
     problems = problems[:n] + [p for p in problems if p["task_id"] in extra]
     assert len(problems) == n + len(extra)
-    got = statuses(task, problems, {p["task_id"]: p["canonical_solution"] for p in problems})
+    canonical = {p["task_id"]: p["canonical_solution"] for p in problems}
+    got = statuses(task, problems, canonical)
+    # A per-input time limit is 4x the canonical solution's own time, so a canonical-vs-canonical
+    # "timeout" is the shared 2-core machine stalling (seen once for Mbpp/255 in CI): judge it again,
+    # once. A "failed" is never retried.
+    again = [p for p in problems if "timeout" in got[p["task_id"]].values()]
+    if again:
+        got.update(statuses(task, again, canonical))
     want = {"base": "passed", "plus": "passed"} if task.has_plus else {"base": "passed"}
     assert got == {p["task_id"]: want for p in problems}
     wrong = statuses(task, problems[:1], {problems[0]["task_id"]: "    return None\n" if not name.startswith("mbpp")
