@@ -151,12 +151,15 @@ class KVCache:
         if plan.steps is not None:  # speculative: positions are committed by accept()
             plan.input_pos = input_pos
             return
-        pos = input_pos[:, plan.write_from:]
-        if plan.rows is None or isinstance(plan.rows, slice):
-            self.slot_pos[plan.rows or slice(None)].scatter_(1, plan.slots, pos)
+        self._record(plan.rows, plan.slots, input_pos[:, plan.write_from:])
+
+    def _record(self, rows: Rows, slots: torch.Tensor, pos: torch.Tensor) -> None:
+        """slots, pos (B, T): the rows' slots now hold these positions."""
+        if rows is None or isinstance(rows, slice):
+            self.slot_pos[rows or slice(None)].scatter_(1, slots, pos)
         else:
-            self.slot_pos[plan.rows[:, None], plan.slots] = pos
-        self.n_used = min(self.capacity, max(self.n_used, int(plan.slots.max()) + 1))
+            self.slot_pos[rows[:, None], slots] = pos
+        self.n_used = min(self.capacity, max(self.n_used, int(slots.max()) + 1))
 
     def update(self, layer: int, plan: CachePlan, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """k, v: (B, n_kv_head, T, head_dim) for the new tokens. Writes them; returns the keys and
@@ -166,7 +169,7 @@ class KVCache:
         if plan.append_new:
             k_all = torch.cat([kc[rows, :, :plan.n_cached], k], dim=2)
             v_all = torch.cat([vc[rows, :, :plan.n_cached], v], dim=2)
-        self._write(layer, plan, k[:, :, plan.write_from:], v[:, :, plan.write_from:])
+        self._write(layer, plan.rows, plan.slots, k[:, :, plan.write_from:], v[:, :, plan.write_from:])
         if plan.append_new:
             return k_all, v_all
         return kc[rows, :, :plan.n_cached], vc[rows, :, :plan.n_cached]  # views unless rows is a tensor
@@ -188,8 +191,10 @@ class KVCache:
             plan.undo.append([])
         r = _row_index(plan.rows, k.shape[0], k.device)[:, None]
         kc, vc = self.k[layer], self.v[layer]
-        plan.undo[layer].append((kc[r, :, step.slots].clone(), vc[r, :, step.slots].clone()))
-        self._write(layer, CachePlan(plan.rows, step.slots, 0, 0, False, step.mask), k, v)
+        # the old entries, (B, n_kv_head, 1, head_dim) like k and v, for _write to put back
+        plan.undo[layer].append((kc[r, :, step.slots].transpose(1, 2).clone(),
+                                 vc[r, :, step.slots].transpose(1, 2).clone()))
+        self._write(layer, plan.rows, step.slots, k, v)
         return kc[rows, :, :step.n_cached], vc[rows, :, :step.n_cached]
 
     def accept(self, n: int) -> None:
@@ -199,19 +204,18 @@ class KVCache:
         (plan,) = plans
         for layer, saved in enumerate(plan.undo):  # rejected tokens (or all, if the pass failed)
             for t in reversed(range(n if plan.input_pos is not None else 0, len(saved))):
-                r = _row_index(plan.rows, saved[t][0].shape[0], self.k.device)[:, None]
-                self.k[layer][r, :, plan.steps[t].slots] = saved[t][0]
-                self.v[layer][r, :, plan.steps[t].slots] = saved[t][1]
-        if plan.input_pos is None or n == 0:
+                self._write(layer, plan.rows, plan.steps[t].slots, *saved[t])
+        if plan.input_pos is None:
             return
-        for step, t in zip(plan.steps[:n], range(n)):  # commit as n decode steps would
-            self.commit(CachePlan(plan.rows, step.slots, 0, 0, False, step.mask), plan.input_pos[:, t:t + 1])
+        for t, step in enumerate(plan.steps[:n]):  # record positions as n decode steps would
+            self._record(plan.rows, step.slots, plan.input_pos[:, t:t + 1])
 
-    def _write(self, layer: int, plan: CachePlan, k: torch.Tensor, v: torch.Tensor) -> None:
-        r = _row_index(plan.rows, k.shape[0], k.device)
+    def _write(self, layer: int, rows: Rows, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """k, v (B, n_kv_head, T, head_dim) into the rows' slots (B, T)."""
+        r = _row_index(rows, k.shape[0], k.device)
         # Advanced indices (rows, slots) around a slice put their dims first: value is (B, T, n_kv, hd).
-        self.k[layer][r[:, None], :, plan.slots] = k.transpose(1, 2)
-        self.v[layer][r[:, None], :, plan.slots] = v.transpose(1, 2)
+        self.k[layer][r[:, None], :, slots] = k.transpose(1, 2)
+        self.v[layer][r[:, None], :, slots] = v.transpose(1, 2)
 
     # ---- whole rows: moving sequences between rows and in and out of a prefix cache -------------
 
