@@ -25,7 +25,9 @@ from .checkpoint import CheckpointError, load_model, read_config, read_quantizat
 from .config import ModelConfig
 from .device import fast_bf16, resolve_device, resolve_dtype
 from .infer.generate import SamplingParams, generate_tokens
-from .infer.quantize import is_quant_target, prequantized_layers, quantize_head, quantize_model, use_native_kernels
+from .infer.hugepages import HugePageArena
+from .infer.quantize import (Rows, is_quant_target, prequantized_layers, quantize_head, quantize_model,
+                             use_native_kernels)
 from .infer.text import TextStream
 from .model import StarCoder2
 from .prompts import default_stop_ids, fim_prompt
@@ -162,25 +164,37 @@ def load_for_inference(path: Path, dtype: str | torch.dtype | None = None, devic
             raise CheckpointError(f"{path} is pre-quantized: apply the adapter to the float checkpoint "
                                   "(with --quantize to quantize at load)")
         check_fits(lora, read_config(path))  # before reading gigabytes of weights
+    # on CPU the weights go to huge pages: decode streams each one per token (+16 % int4 kernel reads, AVX2)
+    alloc = HugePageArena() if native and dev.type == "cpu" else None
+    empty = alloc.empty if alloc is not None else None
+    # an int8 head is quantized from the file a slice of rows at a time: the float matrix (604 MB at
+    # 3B in fp32) never whole in memory
+    int8_head = head and (quantize is not None or stored is not None)
+    head_src = "embed_tokens.weight" if read_config(path).tie_word_embeddings else "lm_head.weight"
+    skip_head = (lambda name: name == head_src) if int8_head else (lambda name: False)
     if stored is not None:  # the stored buffers load as they are: no quantization pass
-        model, config = load_model(path, dt, dev, prepare=prequantized_layers(stored, dt))
+        model, config = load_model(path, dt, dev, prepare=prequantized_layers(stored, dt), alloc=empty,
+                                   defer=skip_head)
     elif quantize is None:
-        model, config = load_model(path, dt, dev)
+        model, config = load_model(path, dt, dev, alloc=empty)
         if lora is not None:
             merge_adapter(model, lora)
     else:
-        model, config = load_model(path, dt, dev, defer=is_quant_target)
+        model, config = load_model(path, dt, dev, defer=lambda n: is_quant_target(n) or skip_head(n), alloc=empty)
 
         # LoRA targets are all quantized linears: each merges as it streams in, before quantization
         def load_weight(name: str) -> torch.Tensor:
             weight = read_tensor(path, name).to(dev)
             return lora.merged_weight(name, weight) if lora is not None else weight
 
-        quantize_model(model, quantize, group_size=group_size, dtype=dt, load_weight=load_weight)
-    if head and (quantize is not None or stored is not None):
-        quantize_head(model)  # after loading: pre-quantized files keep the float head, tied or not
-    if native and dev.type == "cpu":
+        quantize_model(model, quantize, group_size=group_size, dtype=dt, load_weight=load_weight,
+                       place=alloc.adopt if alloc is not None else None)
+    if int8_head:  # pre-quantized files keep the float head, tied or not
+        rows = Rows((config.vocab_size, config.hidden_size), lambda a, b: read_tensor(path, head_src, (a, b)).to(dev, dt))
+        quantize_head(model, rows)
+    if alloc is not None:
         use_native_kernels(model)  # ~2x faster decode than torch's GEMV (AVX-512 bf16, AVX2 fp32/bf16)
+        alloc.adopt(model)  # what was built after reading (quantized layers, merged LoRA, int8 head)
     return model, config
 
 

@@ -1,12 +1,13 @@
-"""Checkpoints in the Hugging Face layout: resolve, load (meta device + memory-mapped safetensors), save.
+"""Checkpoints in the Hugging Face layout: resolve, load (meta device + safetensors), save.
 
 A checkpoint directory holds `config.json`, `model.safetensors` or `model-XXXXX-of-YYYYY.safetensors`
 shards with `model.safetensors.index.json`, `tokenizer.json` (+ `tokenizer_config.json`), and
 optionally `generation_config.json`. Tensor names map to ours through `HF_TO_NATIVE`, a table.
 
-Loading builds the model on the meta device (no memory), then fills it tensor by tensor from the
-memory-mapped files with `load_state_dict(assign=True)`, casting each tensor as it goes: peak memory
-is the model in the target dtype plus one tensor. Nothing is unpickled. Saving writes into a
+Loading builds the model on the meta device (no memory), then reads the files tensor by tensor (plain
+reads into memory the caller may choose, e.g. huge pages) and fills it with
+`load_state_dict(assign=True)`, casting each tensor as it goes: peak memory is the model in the
+target dtype plus one tensor, and no file mapping stays counted in RSS. Nothing is unpickled. Saving writes into a
 temporary directory beside the target and renames it, so a crash never leaves a half-written
 checkpoint where a good one was.
 """
@@ -153,7 +154,9 @@ def weight_files(path: Path) -> list[Path]:
     raise CheckpointError(f"{path} has no {SAFE_SINGLE} and no {SAFE_INDEX}")
 
 
-_SAFE_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
+_SAFE_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64,
+                "U8": torch.uint8, "I8": torch.int8, "I32": torch.int32, "I64": torch.int64}
+Alloc = Callable[[torch.Size, torch.dtype], torch.Tensor]  # (shape, dtype) -> uninitialised CPU tensor
 
 
 def stored_dtype(path: Path) -> torch.dtype:
@@ -170,13 +173,35 @@ def _open(file: Path):
         raise CheckpointError(f"{file}: unreadable safetensors file (truncated or corrupt?): {e}") from None
 
 
+def _header(file: Path) -> tuple[int, dict]:
+    """(offset of the data section, the JSON header) of a safetensors file."""
+    with open(file, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        return 8 + n, json.loads(f.read(n))
+
+
+def _read(fh, data_start: int, meta: dict, out: torch.Tensor | None, what: str) -> torch.Tensor:
+    """One tensor's bytes by plain file reads (no memory map: its memory is freed with the tensor, and
+    nothing file-backed stays counted in RSS), into `out` (cast there if its dtype differs) or new memory."""
+    start, end = meta["data_offsets"]
+    stored = _SAFE_DTYPES[meta["dtype"]]
+    buf = out if out is not None and out.dtype == stored and out.is_contiguous() else torch.empty(meta["shape"], dtype=stored)
+    fh.seek(data_start + start)
+    if end > start and fh.readinto(memoryview(buf.view(-1).view(torch.uint8).numpy())) != end - start:
+        raise CheckpointError(f"cannot read {what} (truncated file?)")
+    if out is None or out is buf:
+        return buf
+    return out.copy_(buf)
+
+
 def load_state(path: Path, config: ModelConfig, dtype: torch.dtype, device: torch.device,
-               defer: Callable[[str], bool] | None = None, like: torch.nn.Module | None = None
-               ) -> dict[str, torch.Tensor]:
+               defer: Callable[[str], bool] | None = None, like: torch.nn.Module | None = None,
+               alloc: Alloc | None = None) -> dict[str, torch.Tensor]:
     """Read and check every tensor: native name -> tensor of the right shape, in `dtype` on `device`.
     Tensors whose native name `defer` accepts are checked but not read (left for `read_tensor`).
     `like` (a meta-device model) replaces the plain model as the source of names, shapes and
-    dtypes: each tensor is then cast to its counterpart's dtype (pre-quantized checkpoints)."""
+    dtypes: each tensor is then cast to its counterpart's dtype (pre-quantized checkpoints).
+    `alloc` gives the memory CPU tensors are read into (e.g. huge pages, infer/hugepages.py)."""
     if like is None:
         with torch.device("meta"):
             like = StarCoder2(config).to(dtype)
@@ -186,7 +211,8 @@ def load_state(path: Path, config: ModelConfig, dtype: torch.dtype, device: torc
         expected.pop("lm_head.weight")
     state: dict[str, torch.Tensor] = {}
     for file in weight_files(path):
-        with _open(file) as f:
+        with _open(file) as f, open(file, "rb") as fh:  # _open checks the header; fh reads the data
+            data_start, header = _header(file)
             for hf_name in f.keys():
                 try:
                     name = hf_to_native(hf_name)
@@ -207,11 +233,12 @@ def load_state(path: Path, config: ModelConfig, dtype: torch.dtype, device: torc
                 if defer is not None and defer(name):
                     state[name] = torch.empty(shape, dtype=dtypes[name], device="meta")
                     continue
-                try:
-                    t = f.get_tensor(hf_name)
-                except (SafetensorError, RuntimeError) as e:
-                    raise CheckpointError(f"{file.name}: cannot read {hf_name!r} (truncated file?): {e}") from None
-                state[name] = t.to(device=device, dtype=dtypes[name])
+                cpu = device.type == "cpu"
+                out = None
+                if cpu:
+                    out = alloc(torch.Size(shape), dtypes[name]) if alloc else torch.empty(shape, dtype=dtypes[name])
+                t = _read(fh, data_start, header[hf_name], out, f"{file.name}: {hf_name!r}")
+                state[name] = t if cpu else t.to(device=device, dtype=dtypes[name])
     missing = sorted(set(expected) - set(state))
     if missing:
         names = ", ".join(native_to_hf(n) for n in missing[:5]) + (" ..." if len(missing) > 5 else "")
@@ -221,7 +248,8 @@ def load_state(path: Path, config: ModelConfig, dtype: torch.dtype, device: torc
 
 def load_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
                defer: Callable[[str], bool] | None = None,
-               prepare: Callable[[StarCoder2], None] | None = None) -> tuple[StarCoder2, ModelConfig]:
+               prepare: Callable[[StarCoder2], None] | None = None,
+               alloc: Alloc | None = None) -> tuple[StarCoder2, ModelConfig]:
     """Load a HF-layout directory into our model, in eval mode. Parameters named by `defer` stay on
     the meta device, for a caller that reads them one by one (`read_tensor`), e.g. to quantize.
     `prepare` changes the meta-device model (in `dtype`) before loading, e.g. swaps in quantized
@@ -236,33 +264,31 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32, devi
         model = StarCoder2(config).to(dtype)
         if prepare is not None:
             prepare(model)
-    state = load_state(path, config, dtype, torch.device(device), defer, like=model)
+    state = load_state(path, config, dtype, torch.device(device), defer, like=model, alloc=alloc)
     model.load_state_dict(state, strict=not config.tie_word_embeddings, assign=True)
     model.tie_weights()
     return model.eval(), config
 
 
-def read_tensor(path: str | os.PathLike, native_name: str) -> torch.Tensor:
-    """One tensor by native name, read with plain file reads into fresh memory (no memory map), so
-    that memory is freed with the tensor: what streaming quantization at load needs."""
+def read_tensor(path: str | os.PathLike, native_name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+    """One tensor by native name (only rows [a, b) of its first axis with `rows`), read with plain file
+    reads into fresh memory (no memory map), so that memory is freed with the tensor: what streaming
+    quantization at load needs."""
     path, hf_name = Path(path), native_to_hf(native_name)
     files = weight_files(path)
     index = path / SAFE_INDEX
     if index.is_file():
         files = [path / json.loads(index.read_text())["weight_map"][hf_name]]
     for file in files:
-        with open(file, "rb") as f:
-            n = int.from_bytes(f.read(8), "little")
-            header = json.loads(f.read(n))
-            if hf_name not in header:
-                continue
+        data_start, header = _header(file)
+        if hf_name in header:
             meta = header[hf_name]
-            start, end = meta["data_offsets"]
-            out = torch.empty(end - start, dtype=torch.uint8)
-            f.seek(8 + n + start)
-            if f.readinto(memoryview(out.numpy())) != end - start:
-                raise CheckpointError(f"{file.name}: cannot read {hf_name!r} (truncated file?)")
-            return out.view(_SAFE_DTYPES[meta["dtype"]]).view(meta["shape"])
+            if rows is not None:  # rows are contiguous in the file: a sub-range of the tensor's bytes
+                (a, b), shape, start = rows, meta["shape"], meta["data_offsets"][0]
+                row = (meta["data_offsets"][1] - start) // max(shape[0], 1)
+                meta = {**meta, "shape": [b - a, *shape[1:]], "data_offsets": [start + a * row, start + b * row]}
+            with open(file, "rb") as fh:
+                return _read(fh, data_start, meta, None, f"{file.name}: {hf_name!r}")
     raise CheckpointError(f"{path}: no tensor {hf_name!r}")
 
 

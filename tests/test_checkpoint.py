@@ -178,3 +178,25 @@ def test_read_tensor_without_mmap(saved, tmp_path):
 def test_deferred_tensors_stay_on_meta(saved):
     m, _ = load_model(saved, defer=lambda n: n.endswith("c_fc.weight"))
     assert m.layers[0].mlp.c_fc.weight.is_meta and not m.layers[0].mlp.c_proj.weight.is_meta
+
+
+def test_read_tensor_rows_is_a_slice_of_the_whole(saved):
+    from starcoder2.checkpoint import read_tensor
+    whole = read_tensor(saved, "embed_tokens.weight")
+    for a, b in ((0, 1), (3, 17), (whole.shape[0] - 5, whole.shape[0])):
+        assert torch.equal(read_tensor(saved, "embed_tokens.weight", (a, b)), whole[a:b])
+
+
+def test_load_reads_into_the_callers_memory_and_casts(saved):
+    made = []
+
+    def alloc(shape, dtype):
+        made.append(torch.empty(shape, dtype=dtype))
+        return made[-1]
+
+    ref, _ = load_model(saved)
+    m, _ = load_model(saved, dtype=torch.bfloat16, alloc=alloc)
+    ptrs = {t.data_ptr() for t in made}
+    assert all(p.data_ptr() in ptrs and p.dtype == torch.bfloat16 for p in m.parameters())
+    for (name, a), b in zip(ref.state_dict().items(), m.state_dict().values()):
+        assert torch.equal(a.to(torch.bfloat16), b), name

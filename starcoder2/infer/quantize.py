@@ -45,10 +45,30 @@ QUANT_METHOD = "starcoder2"  # quantization_config.quant_method of our pre-quant
 QUANT_FORMAT_VERSION = 1
 
 
-def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """w (N, K) float -> q (N, K) int8, scale (N,) fp32."""
-    scale = w.float().abs().amax(dim=1).clamp(min=1e-8) / 127.0
-    q = (w.float() / scale[:, None]).round().clamp(-127, 127).to(torch.int8)
+class Rows:
+    """A (N, K) matrix read on demand, a slice of rows at a time (e.g. from a checkpoint file)."""
+
+    def __init__(self, shape: tuple[int, int], read: Callable[[int, int], torch.Tensor]):
+        self.shape, self._read = shape, read
+
+    def __getitem__(self, rows: slice) -> torch.Tensor:
+        a, b, _ = rows.indices(self.shape[0])
+        return self._read(a, b)
+
+
+QUANT_CHUNK_ROWS = 1024  # rows quantized at a time: fp32 temporaries stay ~K * 4 KB, not ~5x the matrix
+
+
+def quantize_int8(w: torch.Tensor | Rows) -> tuple[torch.Tensor, torch.Tensor]:
+    """w (N, K) float -> q (N, K) int8, scale (N,) fp32. Row chunks: at 3B the vocabulary head's
+    temporaries would otherwise add ~1.2 GB to peak memory; `w` may be a `Rows` reader, so that the
+    float matrix is never whole in memory."""
+    N, K = w.shape
+    q, scale = torch.empty(N, K, dtype=torch.int8), torch.empty(N)
+    for i in range(0, N, QUANT_CHUNK_ROWS):
+        wc = w[i:i + QUANT_CHUNK_ROWS].float()
+        s = scale[i:i + QUANT_CHUNK_ROWS] = wc.abs().amax(dim=1).clamp(min=1e-8) / 127.0
+        q[i:i + QUANT_CHUNK_ROWS] = (wc / s[:, None]).round_().clamp_(-127, 127)
     return q, scale
 
 
@@ -111,11 +131,16 @@ class QuantizedLinear(nn.Module):
     """Drop-in for nn.Linear with int8 or int4 weights; activations and output in `dtype`."""
 
     def __init__(self, linear: nn.Linear, mode: str, group_size: int = 128, kernel: str = "auto",
-                 in_scale: torch.Tensor | None = None, dtype: torch.dtype = torch.bfloat16):
+                 in_scale: torch.Tensor | None = None, dtype: torch.dtype = torch.bfloat16,
+                 weight: Rows | None = None):
+        """`weight`: read the int8 weight from there instead of `linear.weight` (left on the meta
+        device by a streaming load)."""
         super().__init__()
         if mode not in QUANT_MODES:
             raise ValueError(f"unknown quantization {mode!r}; choose int8 or int4")
-        w = linear.weight.detach()
+        if weight is not None and (mode != "int8" or in_scale is not None):
+            raise ValueError("a row reader is quantized to plain int8 only")
+        w = weight if weight is not None else linear.weight.detach()
         self.mode, self.group_size, self.dtype = mode, group_size, dtype
         self.in_features, self.out_features = w.shape[1], w.shape[0]
         self.kernel = _pick_kernel(self.in_features, self.out_features, group_size, kernel)
@@ -125,8 +150,9 @@ class QuantizedLinear(nn.Module):
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().to(dtype))
         if mode == "int8":
             q, scale = quantize_int8(w)
-            # stored offset by +128 as uint8: the VNNI instruction multiplies unsigned by signed bytes
-            self.register_buffer("weight", (q.to(torch.int16) + 128).to(torch.uint8))
+            # stored offset by +128 as uint8 (the VNNI instruction multiplies unsigned by signed bytes):
+            # for two's complement bytes, q + 128 = q xor 0x80
+            self.register_buffer("weight", q.view(torch.uint8).bitwise_xor_(0x80))
             self.register_buffer("scale", scale)
         else:
             q, scale, lo = quantize_int4(w, group_size)
@@ -219,14 +245,15 @@ class QuantizedEmbedding(nn.Module):
 
 
 @torch.no_grad()
-def quantize_head(model: nn.Module) -> None:
+def quantize_head(model: nn.Module, weight: Rows | None = None) -> None:
     """int8 LM head (one scale per vocabulary row), as llama.cpp's quantized GGUFs keep theirs at 6-8
     bits: at 3B it is 151 MB read per token instead of 302 (bf16) or 604 (fp32). A tied embedding
-    then reads its rows from the same int8 matrix and the float copy is freed."""
+    then reads its rows from the same int8 matrix and the float copy is freed. `weight`: the head's
+    float rows read on demand (the load left them on the meta device), so they are never whole in memory."""
     if isinstance(model.lm_head, QuantizedLinear):
         return
     dtype = model.norm.weight.dtype  # the activation dtype
-    head = QuantizedLinear(model.lm_head, "int8", dtype=dtype)
+    head = QuantizedLinear(model.lm_head, "int8", dtype=dtype, weight=weight)
     model.lm_head = head
     if model.config.tie_word_embeddings:
         model.embed_tokens = QuantizedEmbedding(head)
@@ -322,11 +349,14 @@ def awq_scale(lin: nn.Linear, mean_abs: torch.Tensor, x: torch.Tensor, group_siz
 @torch.no_grad()
 def quantize_model(model: nn.Module, mode: str, group_size: int = 128, kernel: str = "auto",
                    calibration: Iterable[torch.Tensor] | None = None, dtype: torch.dtype = torch.bfloat16,
-                   load_weight: Callable[[str], torch.Tensor] | None = None) -> nn.Module:
+                   load_weight: Callable[[str], torch.Tensor] | None = None,
+                   place: Callable[[nn.Module], object] | None = None) -> nn.Module:
     """Replace every attention/MLP Linear by a QuantizedLinear, in place. With `calibration`
     (batches of token ids) and mode int4, choose AWQ input scales first (on the float model).
     Weights still on the meta device are fetched one at a time by `load_weight(name)` and freed
-    once quantized, so peak memory stays near the quantized size (streaming quantization at load)."""
+    once quantized, so peak memory stays near the quantized size (streaming quantization at load).
+    `place(layer)` moves each new layer's buffers where they will live (e.g. huge pages) at once,
+    so the allocator reuses its temporaries for the next layer."""
     if mode not in QUANT_MODES:
         raise ValueError(f"unknown quantization {mode!r}; choose int8 or int4")
     stats = activation_stats(model, calibration) if calibration is not None and mode == "int4" else {}
@@ -338,7 +368,10 @@ def quantize_model(model: nn.Module, mode: str, group_size: int = 128, kernel: s
                 raise ValueError(f"{names[id(lin)]}.weight is not loaded and no load_weight was given")
             source = SimpleNamespace(weight=load_weight(f"{names[id(lin)]}.weight"), bias=lin.bias)
         s = awq_scale(lin, *stats[lin], group_size) if lin in stats else None
-        setattr(parent, name, QuantizedLinear(source, mode, group_size, kernel, in_scale=s, dtype=dtype))
+        layer = QuantizedLinear(source, mode, group_size, kernel, in_scale=s, dtype=dtype)
+        setattr(parent, name, layer)
+        if place is not None:
+            place(layer)
     model.to(dtype)  # embedding, norms and head in the activation dtype
     return model
 

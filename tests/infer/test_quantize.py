@@ -198,3 +198,20 @@ def test_int8_head_and_the_tied_embedding_that_reads_it(tied):
     assert 0 < rel < 0.02, rel
     quantize_head(m)  # idempotent
     assert isinstance(m.lm_head, QuantizedLinear)
+
+
+def test_int8_head_from_a_row_reader_equals_the_whole_matrix(monkeypatch):
+    """quantize_head(model, Rows): the float head is read a slice at a time (never whole) and gives
+    the same int8 layer as quantizing the loaded matrix."""
+    from starcoder2.infer.quantize import Rows
+    monkeypatch.setattr("starcoder2.infer.quantize.QUANT_CHUNK_ROWS", 7)  # several uneven chunks
+    m = StarCoder2(tiny().replace(hidden_size=128, intermediate_size=512, num_heads=4))
+    m.init_weights()
+    w = m.lm_head.weight.detach().clone()
+    reads = []
+    rows = Rows(tuple(w.shape), lambda a, b: reads.append(b - a) or w[a:b].clone())
+    q, s = quantize_int8(w)
+    q2, s2 = quantize_int8(rows)
+    assert torch.equal(q, q2) and torch.equal(s, s2) and max(reads) == 7 and sum(reads) == w.shape[0]
+    quantize_head(m, rows)
+    assert torch.equal(m.lm_head.weight, q.view(torch.uint8) ^ 0x80) and torch.equal(m.lm_head.scale, s)
