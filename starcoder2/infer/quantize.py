@@ -73,15 +73,20 @@ def quantize_int8(w: torch.Tensor | Rows) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def quantize_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """w (N, K) -> q (N, K) uint8 in [0, 15], scale (N, K/g), lo (N, K/g); w ≈ q * scale + lo."""
+    """w (N, K) -> q (N, K) uint8 in [0, 15], scale (N, K/g), lo (N, K/g); w ≈ q * scale + lo.
+    In row chunks, so the fp32 temporaries stay small (at 3B, c_fc's would be ~0.5 GB)."""
     N, K = w.shape
     if K % group_size:
         raise ValueError(f"in_features={K} is not a multiple of group_size={group_size}")
-    wg = w.float().view(N, K // group_size, group_size)
-    lo, hi = wg.amin(-1), wg.amax(-1)
-    scale = ((hi - lo) / 15.0).clamp(min=1e-8)
-    q = ((wg - lo[..., None]) / scale[..., None]).round().clamp(0, 15).to(torch.uint8)
-    return q.view(N, K), scale, lo
+    q = torch.empty(N, K, dtype=torch.uint8)
+    scale, lo = torch.empty(N, K // group_size), torch.empty(N, K // group_size)
+    for i in range(0, N, QUANT_CHUNK_ROWS):
+        wg = w[i:i + QUANT_CHUNK_ROWS].float().view(-1, K // group_size, group_size)
+        lo_c, hi = wg.amin(-1), wg.amax(-1)
+        s = ((hi - lo_c) / 15.0).clamp(min=1e-8)
+        q[i:i + QUANT_CHUNK_ROWS] = ((wg - lo_c[..., None]) / s[..., None]).round_().clamp_(0, 15).view(-1, K)
+        scale[i:i + QUANT_CHUNK_ROWS], lo[i:i + QUANT_CHUNK_ROWS] = s, lo_c
+    return q, scale, lo
 
 
 def dequantize_int4(q: torch.Tensor, scale: torch.Tensor, lo: torch.Tensor, group_size: int) -> torch.Tensor:
