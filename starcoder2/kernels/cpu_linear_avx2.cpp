@@ -51,23 +51,50 @@ inline __m256 load8(const uint16_t* p) {  // bf16 -> fp32: the bf16 bits are the
   return _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
 }
 
-// Float weights (fp32 or bf16), x fp32: mb (<= MB) rows of x against rows n0..n0+R-1.
-template <typename W>
-void float_block(const float* x, const W* w, float* y, int64_t K, int64_t N, int64_t n0, int64_t m0, int mb) {
-  __m256 acc[MB][R];
-  for (int m = 0; m < MB; ++m)
-    for (int r = 0; r < R; ++r) acc[m][r] = _mm256_setzero_ps();
-  for (int64_t k = 0; k < K; k += 8) {
+// Float weights (fp32 or bf16), x fp32: all M rows of x against rows n0..n0+R-1, in tiles of KT
+// columns: a tile of w (R x KT) and of x (M x KT, <= 16 KB) stay in L1 while every chunk of MB rows
+// of x passes over it, so at M = 8 the later passes read L1, not L2 (2.2x the M = 1 time -> ~1.4x).
+// The accumulators wait in acc[][] between tiles: each y[m, n] still sums k in increasing order in
+// the same lanes, whatever M is.
+constexpr int MMAX = 16;   // rows of x per call chunk (NATIVE_MAX_ROWS on the Python side)
+constexpr int64_t KT = 256;
+constexpr int MBF = 3;  // rows of x per pass: 12 accumulators + 4 weights fill the 16 ymm registers
+
+template <int MBv, typename W>
+inline void float_pass(const float* x, const W* w, __m256* acc, int64_t K, int64_t n0, int64_t m0,
+                       int64_t k0, int64_t k1) {
+  __m256 a[MBv][R];
+  for (int m = 0; m < MBv; ++m)
+    for (int r = 0; r < R; ++r) a[m][r] = acc[(m0 + m) * R + r];
+  for (int64_t k = k0; k < k1; k += 8) {
     __m256 wv[R];
     for (int r = 0; r < R; ++r) wv[r] = load8(w + (n0 + r) * K + k);
-    for (int m = 0; m < MB; ++m) {
-      if (m >= mb) break;
+    for (int m = 0; m < MBv; ++m) {
       const __m256 xv = _mm256_loadu_ps(x + (m0 + m) * K + k);
-      for (int r = 0; r < R; ++r) acc[m][r] = _mm256_fmadd_ps(wv[r], xv, acc[m][r]);
+      for (int r = 0; r < R; ++r) a[m][r] = _mm256_fmadd_ps(wv[r], xv, a[m][r]);
     }
   }
-  for (int m = 0; m < mb; ++m)
-    for (int r = 0; r < R; ++r) y[(m0 + m) * N + n0 + r] = hsum(acc[m][r]);
+  for (int m = 0; m < MBv; ++m)
+    for (int r = 0; r < R; ++r) acc[(m0 + m) * R + r] = a[m][r];
+}
+
+template <typename W>
+void float_block(const float* x, const W* w, float* y, int64_t K, int64_t N, int64_t n0, int64_t M) {
+  __m256 acc[MMAX * R];
+  for (int64_t c = 0; c < M; c += MMAX) {  // x's rows in chunks of MMAX (one chunk for decode sizes)
+    const int64_t mc = std::min<int64_t>(MMAX, M - c);
+    const float* xc = x + c * K;
+    for (int64_t i = 0; i < mc * R; ++i) acc[i] = _mm256_setzero_ps();
+    for (int64_t k0 = 0; k0 < K; k0 += KT) {
+      const int64_t k1 = std::min(K, k0 + KT);
+      int64_t m0 = 0;
+      for (; m0 + MBF <= mc; m0 += MBF) float_pass<MBF>(xc, w, acc, K, n0, m0, k0, k1);
+      if (mc - m0 == 2) float_pass<2>(xc, w, acc, K, n0, m0, k0, k1);
+      else if (mc - m0 == 1) float_pass<1>(xc, w, acc, K, n0, m0, k0, k1);
+    }
+    for (int64_t m = 0; m < mc; ++m)
+      for (int r = 0; r < R; ++r) y[(c + m) * N + n0 + r] = hsum(acc[m * R + r]);
+  }
 }
 
 // x (M, K) fp32 -> xq (M, K) int8, |xq| (M, K) uint8, and per block of XB columns: scale and
@@ -199,6 +226,14 @@ void int4_block(const QuantX& xq, const uint8_t* w, const float* scale, const fl
     for (int r = 0; r < R; ++r) y[(m0 + m) * N + n0 + r] = hsum(acc[m][r]) + lacc[m][r];
 }
 
+// Run f(n0) over all row blocks, in parallel.
+template <typename F>
+void for_row_blocks(int64_t N, F&& f) {
+  at::parallel_for(0, N / R, 8, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) f(b * R);
+  });
+}
+
 // Run f(n0, m0, mb) over all row blocks, x's rows in chunks of MB; a row block's weights stay in
 // cache while every chunk of x passes over them.
 template <typename F>
@@ -233,11 +268,11 @@ torch::Tensor linear_float(torch::Tensor x, torch::Tensor w, c10::optional<torch
   float* yp = y.data_ptr<float>();
   if (w.scalar_type() == torch::kFloat) {
     const float* wp = w.data_ptr<float>();
-    for_blocks(M, N, [&](int64_t n0, int64_t m0, int mb) { float_block(xp, wp, yp, K, N, n0, m0, mb); });
+    for_row_blocks(N, [&](int64_t n0) { float_block(xp, wp, yp, K, N, n0, M); });
   } else {
     TORCH_CHECK(w.scalar_type() == torch::kBFloat16, "fp32 or bf16 weights");
     const uint16_t* wp = (const uint16_t*)w.data_ptr();
-    for_blocks(M, N, [&](int64_t n0, int64_t m0, int mb) { float_block(xp, wp, yp, K, N, n0, m0, mb); });
+    for_row_blocks(N, [&](int64_t n0) { float_block(xp, wp, yp, K, N, n0, M); });
   }
   return finish(y, bias, x.scalar_type());
 }
