@@ -9,14 +9,19 @@ elsewhere (quantized layers, the int8 head) one tensor at a time, so peak memory
 tensor, not by the model.
 
 Measured on the 2-core AVX2 EPYC: the int4 decode kernel over 30 matrices of 12288 x 3072 read
-26.0 GB/s median in 4 KiB pages and 30.1 GB/s in huge pages, alternating runs in one process
-(docs/benchmarks.md). Where huge pages are unavailable (not Linux, "never") the arena hands out
-ordinary tensors: an optimisation, never a requirement.
+26.0 GB/s median in 4 KiB pages and 30.1 GB/s in huge pages, alternating runs in one process; 3B
+fp32 decode 2.96 -> 3.51 tok/s (docs/benchmarks.md). The price is paid once, at load: where free
+memory is fragmented (e.g. by a full page cache) the kernel compacts it to find 2 MiB pages, up to
+~3 s per GB (3B fp32 load 23 -> 42 s on that machine; seconds when memory is not fragmented).
+STARCODER2_HUGEPAGES=0 turns it off (e.g. one-shot completions of a large model). Where huge pages
+are unavailable (not Linux, "never") the arena hands out ordinary tensors: an optimisation, never a
+requirement.
 """
 
 from __future__ import annotations
 
 import mmap
+import os
 
 import torch
 from torch import nn
@@ -54,7 +59,7 @@ class HugePageArena:
     itself: a chunk lives as long as a tensor in it does."""
 
     def __init__(self, chunk: int = 256 << 20):
-        self.enabled = hugepages_available()
+        self.enabled = hugepages_available() and os.environ.get("STARCODER2_HUGEPAGES", "1") != "0"
         self.chunk = chunk
         self._free: torch.Tensor | None = None  # the rest of the current chunk
         self._ranges: list[tuple[int, int]] = []  # [start, end) addresses of every mapping made

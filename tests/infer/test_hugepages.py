@@ -77,3 +77,10 @@ def test_loaded_models_live_in_huge_pages(tiny_checkpoint, quantize, monkeypatch
     ref, _ = load_for_inference(tiny_checkpoint, "fp32", "cpu", quantize, group_size=64, native=False)
     with torch.no_grad():
         torch.testing.assert_close(model(IDS), ref(IDS), rtol=0, atol=1e-4)
+
+
+def test_environment_turns_it_off(monkeypatch):
+    monkeypatch.setenv("STARCODER2_HUGEPAGES", "0")
+    arena = HugePageArena()
+    model = StarCoder2(tiny())
+    assert not arena.enabled and arena.adopt(model) == 0
