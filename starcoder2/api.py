@@ -190,8 +190,8 @@ def load_for_inference(path: Path, dtype: str | torch.dtype | None = None, devic
         quantize_model(model, quantize, group_size=group_size, dtype=dt, load_weight=load_weight,
                        place=alloc.adopt if alloc is not None else None)
     if int8_head:  # pre-quantized files keep the float head, tied or not
-        rows = Rows((config.vocab_size, config.hidden_size), lambda a, b: read_tensor(path, head_src, (a, b)).to(dev, dt))
-        quantize_head(model, rows)
+        quantize_head(model, Rows((config.vocab_size, config.hidden_size),
+                                  lambda a, b: read_tensor(path, head_src, (a, b)).to(dev, dt), dev))
     if alloc is not None:
         use_native_kernels(model)  # ~2x faster decode than torch's GEMV (AVX-512 bf16, AVX2 fp32/bf16)
         alloc.adopt(model)  # what was built after reading (quantized layers, merged LoRA, int8 head)

@@ -7,9 +7,9 @@ optionally `generation_config.json`. Tensor names map to ours through `HF_TO_NAT
 Loading builds the model on the meta device (no memory), then reads the files tensor by tensor (plain
 reads into memory the caller may choose, e.g. huge pages) and fills it with
 `load_state_dict(assign=True)`, casting each tensor as it goes: peak memory is the model in the
-target dtype plus one tensor, and no file mapping stays counted in RSS. Nothing is unpickled. Saving writes into a
-temporary directory beside the target and renames it, so a crash never leaves a half-written
-checkpoint where a good one was.
+target dtype plus one tensor, and no file mapping stays counted in RSS. Nothing is unpickled.
+Saving writes into a temporary directory beside the target and renames it, so a crash never leaves
+a half-written checkpoint where a good one was.
 """
 
 from __future__ import annotations
@@ -185,10 +185,11 @@ def _read(fh, data_start: int, meta: dict, out: torch.Tensor | None, what: str) 
     nothing file-backed stays counted in RSS), into `out` (cast there if its dtype differs) or new memory."""
     start, end = meta["data_offsets"]
     stored = _SAFE_DTYPES[meta["dtype"]]
-    buf = out if out is not None and out.dtype == stored and out.is_contiguous() else torch.empty(meta["shape"], dtype=stored)
+    direct = out is not None and out.dtype == stored and out.is_contiguous()
+    buf = out if direct else torch.empty(meta["shape"], dtype=stored)
     fh.seek(data_start + start)
     if end > start and fh.readinto(memoryview(buf.view(-1).view(torch.uint8).numpy())) != end - start:
-        raise CheckpointError(f"cannot read {what} (truncated file?)")
+        raise CheckpointError(f"{what}: cannot read (truncated file?)")
     if out is None or out is buf:
         return buf
     return out.copy_(buf)
@@ -210,6 +211,7 @@ def load_state(path: Path, config: ModelConfig, dtype: torch.dtype, device: torc
     if config.tie_word_embeddings:
         expected.pop("lm_head.weight")
     state: dict[str, torch.Tensor] = {}
+    cpu = device.type == "cpu"
     for file in weight_files(path):
         with _open(file) as f, open(file, "rb") as fh:  # _open checks the header; fh reads the data
             data_start, header = _header(file)
@@ -233,8 +235,7 @@ def load_state(path: Path, config: ModelConfig, dtype: torch.dtype, device: torc
                 if defer is not None and defer(name):
                     state[name] = torch.empty(shape, dtype=dtypes[name], device="meta")
                     continue
-                cpu = device.type == "cpu"
-                out = None
+                out = None  # elsewhere than the CPU: read in the stored dtype, then moved and cast
                 if cpu:
                     out = alloc(torch.Size(shape), dtypes[name]) if alloc else torch.empty(shape, dtype=dtypes[name])
                 t = _read(fh, data_start, header[hf_name], out, f"{file.name}: {hf_name!r}")

@@ -48,8 +48,9 @@ QUANT_FORMAT_VERSION = 1
 class Rows:
     """A (N, K) matrix read on demand, a slice of rows at a time (e.g. from a checkpoint file)."""
 
-    def __init__(self, shape: tuple[int, int], read: Callable[[int, int], torch.Tensor]):
-        self.shape, self._read = shape, read
+    def __init__(self, shape: tuple[int, int], read: Callable[[int, int], torch.Tensor],
+                 device: torch.device | str = "cpu"):
+        self.shape, self._read, self.device = shape, read, torch.device(device)  # rows arrive on `device`
 
     def __getitem__(self, rows: slice) -> torch.Tensor:
         a, b, _ = rows.indices(self.shape[0])
@@ -64,7 +65,7 @@ def quantize_int8(w: torch.Tensor | Rows) -> tuple[torch.Tensor, torch.Tensor]:
     temporaries would otherwise add ~1.2 GB to peak memory; `w` may be a `Rows` reader, so that the
     float matrix is never whole in memory."""
     N, K = w.shape
-    q, scale = torch.empty(N, K, dtype=torch.int8), torch.empty(N)
+    q, scale = torch.empty(N, K, dtype=torch.int8, device=w.device), torch.empty(N, device=w.device)
     for i in range(0, N, QUANT_CHUNK_ROWS):
         wc = w[i:i + QUANT_CHUNK_ROWS].float()
         s = scale[i:i + QUANT_CHUNK_ROWS] = wc.abs().amax(dim=1).clamp(min=1e-8) / 127.0
@@ -78,8 +79,8 @@ def quantize_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch
     N, K = w.shape
     if K % group_size:
         raise ValueError(f"in_features={K} is not a multiple of group_size={group_size}")
-    q = torch.empty(N, K, dtype=torch.uint8)
-    scale, lo = torch.empty(N, K // group_size), torch.empty(N, K // group_size)
+    q = torch.empty(N, K, dtype=torch.uint8, device=w.device)
+    scale, lo = torch.empty(N, K // group_size, device=w.device), torch.empty(N, K // group_size, device=w.device)
     for i in range(0, N, QUANT_CHUNK_ROWS):
         wg = w[i:i + QUANT_CHUNK_ROWS].float().view(-1, K // group_size, group_size)
         lo_c, hi = wg.amin(-1), wg.amax(-1)
