@@ -164,7 +164,7 @@ def load_for_inference(path: Path, dtype: str | torch.dtype | None = None, devic
             raise CheckpointError(f"{path} is pre-quantized: apply the adapter to the float checkpoint "
                                   "(with --quantize to quantize at load)")
         check_fits(lora, read_config(path))  # before reading gigabytes of weights
-    # on CPU the weights go to huge pages: decode streams each one per token (+16 % int4 kernel reads, AVX2)
+    # on CPU the weights go to huge pages: decode streams each one per token (+3-16 % kernel reads, AVX2)
     alloc = HugePageArena() if native and dev.type == "cpu" else None
     empty = alloc.empty if alloc is not None else None
     # an int8 head is quantized from the file a slice of rows at a time: the float matrix (604 MB at

@@ -8,9 +8,9 @@ the checkpoint loader reads weights straight into them (`empty`), and `adopt` mo
 elsewhere (quantized layers, the int8 head) one tensor at a time, so peak memory grows by one
 tensor, not by the model.
 
-Measured on the 2-core AVX2 EPYC: the int4 decode kernel over 30 matrices of 12288 x 3072 read
-26.0 GB/s median in 4 KiB pages and 30.1 GB/s in huge pages, alternating runs in one process; 3B
-fp32 decode 2.96 -> 3.51 tok/s (docs/benchmarks.md). The price is paid once, at load: where free
+Measured on the 2-core AVX2 EPYC (benchmarks/bench_hugepages.py: the same kernel over the same
+shapes in 4 KiB and in huge pages, alternating rounds in one process): weight reads +3-16 % (fp32
+1.03-1.13x, int8 1.06x, int4 1.01-1.16x over five runs). The price is paid once, at load: where free
 memory is fragmented (e.g. by a full page cache) the kernel compacts it to find 2 MiB pages, up to
 ~3 s per GB (3B fp32 load 23 -> 42 s on that machine; seconds when memory is not fragmented).
 STARCODER2_HUGEPAGES=0 turns it off (e.g. one-shot completions of a large model). Where huge pages
