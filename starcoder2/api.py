@@ -21,7 +21,8 @@ import torch
 
 from .adapters import check_fits, load_adapter, merge_adapter
 from .chat import ChatTemplate, chat_prompt, chat_stop_ids, find_chat_template, no_chat_template
-from .checkpoint import CheckpointError, load_model, read_config, read_quantization_config, read_tensor, resolve
+from .checkpoint import (CheckpointError, load_model, read_config, read_quantization_config, read_tensor, resolve,
+                         tensor_reader)
 from .config import ModelConfig
 from .device import fast_bf16, resolve_device, resolve_dtype
 from .infer.generate import SamplingParams, generate_tokens
@@ -190,8 +191,9 @@ def load_for_inference(path: Path, dtype: str | torch.dtype | None = None, devic
         quantize_model(model, quantize, group_size=group_size, dtype=dt, load_weight=load_weight,
                        place=alloc.adopt if alloc is not None else None)
     if int8_head:  # pre-quantized files keep the float head, tied or not
+        read_head = tensor_reader(path, head_src)  # found once, read a slice of rows at a time
         quantize_head(model, Rows((config.vocab_size, config.hidden_size),
-                                  lambda a, b: read_tensor(path, head_src, (a, b)).to(dev, dt), dev))
+                                  lambda a, b: read_head((a, b)).to(dev, dt), dev))
     if alloc is not None:
         use_native_kernels(model)  # ~2x faster decode than torch's GEMV (AVX-512 bf16, AVX2 fp32/bf16)
         alloc.adopt(model)  # what was built after reading (quantized layers, merged LoRA, int8 head)

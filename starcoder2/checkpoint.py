@@ -271,10 +271,10 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32, devi
     return model.eval(), config
 
 
-def read_tensor(path: str | os.PathLike, native_name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
-    """One tensor by native name (only rows [a, b) of its first axis with `rows`), read with plain file
-    reads into fresh memory (no memory map), so that memory is freed with the tensor: what streaming
-    quantization at load needs."""
+def tensor_reader(path: str | os.PathLike, native_name: str) -> Callable[[tuple[int, int] | None], torch.Tensor]:
+    """A reader of one tensor by native name, found once: reader() reads it whole, reader((a, b))
+    rows [a, b) of its first axis, each with plain file reads into fresh memory (no memory map), so
+    that memory is freed with the tensor: what streaming quantization at load needs."""
     path, hf_name = Path(path), native_to_hf(native_name)
     files = weight_files(path)
     index = path / SAFE_INDEX
@@ -283,14 +283,26 @@ def read_tensor(path: str | os.PathLike, native_name: str, rows: tuple[int, int]
     for file in files:
         data_start, header = _header(file)
         if hf_name in header:
-            meta = header[hf_name]
-            if rows is not None:  # rows are contiguous in the file: a sub-range of the tensor's bytes
-                (a, b), shape, start = rows, meta["shape"], meta["data_offsets"][0]
-                row = (meta["data_offsets"][1] - start) // max(shape[0], 1)
-                meta = {**meta, "shape": [b - a, *shape[1:]], "data_offsets": [start + a * row, start + b * row]}
-            with open(file, "rb") as fh:
-                return _read(fh, data_start, meta, None, f"{file.name}: {hf_name!r}")
-    raise CheckpointError(f"{path}: no tensor {hf_name!r}")
+            break
+    else:
+        raise CheckpointError(f"{path}: no tensor {hf_name!r}")
+    whole = header[hf_name]
+
+    def read(rows: tuple[int, int] | None = None) -> torch.Tensor:
+        meta = whole
+        if rows is not None:  # rows are contiguous in the file: a sub-range of the tensor's bytes
+            (a, b), shape, start = rows, whole["shape"], whole["data_offsets"][0]
+            row = (whole["data_offsets"][1] - start) // max(shape[0], 1)
+            meta = {**whole, "shape": [b - a, *shape[1:]], "data_offsets": [start + a * row, start + b * row]}
+        with open(file, "rb") as fh:
+            return _read(fh, data_start, meta, None, f"{file.name}: {hf_name!r}")
+
+    return read
+
+
+def read_tensor(path: str | os.PathLike, native_name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+    """One tensor by native name (only rows [a, b) of its first axis with `rows`): `tensor_reader`."""
+    return tensor_reader(path, native_name)(rows)
 
 
 # ---- saving -------------------------------------------------------------------------------------

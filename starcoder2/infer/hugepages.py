@@ -94,19 +94,19 @@ class HugePageArena:
         modules moves once). Returns the bytes moved."""
         if not self.enabled:
             return 0
-        owners: dict[int, list[tuple[dict, str, bool]]] = {}
+        owners: dict[int, list[tuple[dict, str]]] = {}  # storage address -> (module store, name)
         for mod in model.modules():
-            for store, is_param in ((mod._parameters, True), (mod._buffers, False)):
+            for store in (mod._parameters, mod._buffers):
                 for name, t in store.items():
                     if t is not None and t.device.type == "cpu" and t.numel() and not self.owns(t):
-                        owners.setdefault(t.data_ptr(), []).append((store, name, is_param))
+                        owners.setdefault(t.data_ptr(), []).append((store, name))
         moved = 0
         for group in owners.values():
-            store, name, _ = group[0]
+            store, name = group[0]
             t = store[name]
             dst = self.empty(t.shape, t.dtype).copy_(t)
-            for store, name, is_param in group:
-                if is_param:
+            for store, name in group:
+                if isinstance(store[name], nn.Parameter):
                     store[name].data = dst
                 else:
                     store[name] = dst

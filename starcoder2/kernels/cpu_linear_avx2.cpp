@@ -34,7 +34,7 @@
 namespace {
 
 constexpr int R = 4;   // output rows per block: 4 weight streams in flight per thread
-constexpr int MB = 2;  // rows of x per pass over a row block (8 accumulators + 4 weights in 16 ymm)
+constexpr int MB = 2;  // int kernels: rows of x per pass over a row block (8 accumulators + 4 weights)
 constexpr int XB8 = 32;  // int8: columns per activation scale
 
 inline float hsum(__m256 v) {
@@ -239,9 +239,8 @@ void for_row_blocks(int64_t N, F&& f) {
 // cache while every chunk of x passes over them.
 template <typename F>
 void for_blocks(int64_t M, int64_t N, F&& f) {
-  at::parallel_for(0, N / R, 8, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b)
-      for (int64_t m0 = 0; m0 < M; m0 += MB) f(b * R, m0, (int)std::min<int64_t>(MB, M - m0));
+  for_row_blocks(N, [&](int64_t n0) {
+    for (int64_t m0 = 0; m0 < M; m0 += MB) f(n0, m0, (int)std::min<int64_t>(MB, M - m0));
   });
 }
 
