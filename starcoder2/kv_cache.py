@@ -181,6 +181,18 @@ class KVCache:
         its first n tokens and restores what the others overwrote."""
         self._speculating = []
 
+    @property
+    def speculating(self) -> bool:
+        return self._speculating is not None
+
+    def save_for_accept(self, plan: CachePlan, row: int) -> None:
+        """For a verify pass that writes every layer's slots itself (fused decode): save, as
+        update_step would, what its T tokens will overwrite in cache row `row`."""
+        slots = torch.cat([s.slots[0] for s in plan.steps])  # (T,)
+        k, v = self.k[:, row][:, :, slots], self.v[:, row][:, :, slots]  # (L, nkv, T, hd) copies
+        plan.undo = [[(k[layer, None, :, t:t + 1], v[layer, None, :, t:t + 1]) for t in range(len(slots))]
+                     for layer in range(k.shape[0])]
+
     def update_step(self, layer: int, plan: CachePlan, t: int, k: torch.Tensor, v: torch.Tensor
                     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Token t of a verify pass, k, v (B, n_kv_head, 1, head_dim): written to its slot as decode

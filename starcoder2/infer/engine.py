@@ -32,6 +32,7 @@ from ..device import make_generator
 from ..kv_cache import KVCache
 from ..model import StarCoder2
 from ..tokenizer import Tokenizer
+from .fused import FusedDecoder, decode_hidden_states
 from .generate import SamplingParams, prefill
 from .prefix_cache import PrefixCache
 from .sampling import apply_repetition_penalty, sample
@@ -101,6 +102,7 @@ class Engine:
         self.max_seq_len = min(max_seq_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
         self.cache = KVCache(cfg, max_batch, self.max_seq_len, dtype=param.dtype, device=param.device)
         self.prefix_cache = PrefixCache(prefix_cache_tokens, cfg.sliding_window) if prefix_cache_tokens else None
+        self.fused = FusedDecoder.build(model)  # None: decode runs the modules
         self.num_draft = num_draft
         self.draft = _DraftModel(draft_model, cfg.vocab_size, self.max_seq_len) if draft_model is not None else None
         self.running: list[Request] = []  # running[i] lives in cache row i
@@ -243,7 +245,8 @@ class Engine:
             return
         ids = torch.tensor([[r._pending] for r in live], device=self.device)  # (A, 1)
         pos = torch.tensor([[r._pos] for r in live], device=self.device)  # (A, 1)
-        logits = self.model.logits(self.model.hidden_states(ids, pos, self.cache, slice(0, A))[:, -1])  # (A, V)
+        h = decode_hidden_states(self.model, self.fused, ids, pos, self.cache, slice(0, A))
+        logits = self.model.logits(h[:, -1])  # (A, V)
         for i, r in enumerate(live):
             r._pos += 1
             self._accept(r, logits[i:i + 1])
@@ -267,7 +270,8 @@ class Engine:
         pos = torch.arange(req._pos, req._pos + len(tokens), device=self.device)[None]
         self.cache.speculate()
         try:
-            logits = self.model.logits(self.model.hidden_states(ids, pos, self.cache, slice(0, 1)))[0]  # (T, V)
+            h = decode_hidden_states(self.model, self.fused, ids, pos, self.cache, slice(0, 1))
+            logits = self.model.logits(h)[0]  # (T, V)
         except BaseException:
             self.cache.accept(0)  # leave the cache as it was
             raise
@@ -363,6 +367,7 @@ class _DraftModel:
                              "speculation needs one vocabulary (e.g. a smaller StarCoder2 for a larger one)")
         param = next(model.parameters())
         self.model = model.eval()
+        self.fused = FusedDecoder.build(self.model)
         self.cache = KVCache(model.config, 1, min(max_seq_len, model.config.max_position_embeddings),
                              dtype=param.dtype, device=param.device)
         self.request: int | None = None  # the id of the request whose tokens the cache holds
@@ -383,7 +388,8 @@ class _DraftModel:
         pos = req._pos + 1
         while len(draft) < n:
             ids = torch.tensor([[draft[-1]]], device=self.cache.k.device)  # (1, 1)
-            h = self.model.hidden_states(ids, torch.tensor([[pos]], device=ids.device), self.cache, slice(0, 1))
+            h = decode_hidden_states(self.model, self.fused, ids, torch.tensor([[pos]], device=ids.device),
+                                     self.cache, slice(0, 1))
             draft.append(int(self.model.logits(h[0, -1]).argmax()))
             pos += 1
         self.length = pos  # fed: tokens up to _pos and the first n-1 guesses

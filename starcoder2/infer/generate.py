@@ -20,6 +20,7 @@ import torch
 from ..device import make_generator
 from ..kv_cache import KVCache
 from ..model import StarCoder2
+from .fused import FusedDecoder, decode_hidden_states
 from .sampling import apply_repetition_penalty, sample
 
 PREFILL_CHUNK = 2048  # prompt tokens per forward pass: bounds the (T, n_keys) attention mask
@@ -80,6 +81,7 @@ def generate_tokens(model: StarCoder2, prompts: list[list[int]], params: Samplin
     B = len(prompts)
     seq_len = min(max_len, max(len(p) for p in prompts) + params.max_new_tokens)
     cache = KVCache(cfg, B, seq_len, dtype=dtype, device=device)
+    fused = FusedDecoder.build(model)
     cancelled = cancelled if cancelled is not None else set()
     stop_ids = set(params.stop_token_ids)
     gens = [make_generator(params.seed, device) for _ in range(B)]
@@ -118,7 +120,8 @@ def generate_tokens(model: StarCoder2, prompts: list[list[int]], params: Samplin
             pos[b] += 1
         # All rows in order need no row index (the cache's cheap path); otherwise name the rows.
         cache_rows = None if active == list(range(B)) else rows
-        logits = model.logits(model.hidden_states(ids, input_pos, cache, cache_rows)[:, -1])  # (B_active, V)
+        h = decode_hidden_states(model, fused, ids, input_pos, cache, cache_rows)
+        logits = model.logits(h[:, -1])  # (B_active, V)
 
 
 def generate(model: StarCoder2, prompts: list[list[int]], params: SamplingParams) -> list[list[int]]:

@@ -25,12 +25,12 @@ import torch
 from ..device import cpu_flags
 
 HERE = Path(__file__).parent
-# instruction set -> (source, CPU flags it needs, extra compiler flags); the first one the CPU has wins.
+# instruction set -> (sources, CPU flags it needs, extra compiler flags); the first one the CPU has wins.
 # -ffp-contract=off: a*b+c in plain C++ stays two roundings, as torch computes it (the dequantizers
 # match the reference path bit for bit); the intrinsics' FMAs are explicit and unaffected.
 BUILDS = {
-    "avx512": ("cpu_linear.cpp", ("avx512f", "avx512bw", "avx512vl", "avx512_bf16", "avx512_vnni"), []),
-    "avx2": ("cpu_linear_avx2.cpp", ("avx2", "fma"), ["-ffp-contract=off"]),
+    "avx512": (("cpu_linear.cpp",), ("avx512f", "avx512bw", "avx512vl", "avx512_bf16", "avx512_vnni"), []),
+    "avx2": (("cpu_linear_avx2.cpp", "cpu_decode_avx2.cpp"), ("avx2", "fma"), ["-ffp-contract=off"]),
 }
 
 
@@ -72,6 +72,15 @@ class Kernels:
     def linear_int4(self, x, w, scale, lo, group_size, bias):
         return self.module.linear_int4(x, w, scale, lo, group_size, bias)
 
+    def decoder(self, n_head: int, n_kv_head: int, head_dim: int, eps: float):
+        """An empty fused decoder (cpu_decode_avx2.cpp), or None where this build has none."""
+        if not hasattr(self.module, "Decoder"):
+            return None
+        return self.module.Decoder(n_head, n_kv_head, head_dim, eps)
+
+    def decode_linear(self, mode: int, w, scale=None, lo=None, in_scale=None, bias=None, group_size: int = 0):
+        return self.module.DecodeLinear(mode, w, scale, lo, in_scale, bias, group_size)
+
     def dequantize(self, layer, dtype: torch.dtype) -> torch.Tensor | None:
         """A QuantizedLinear's stored weight as floats (N, K) in one pass, or None where this build
         has no dequantizer (AVX-512: torch's ops do it)."""
@@ -88,10 +97,10 @@ def native() -> Kernels | None:
     isa = cpu_isa()
     if os.environ.get("STARCODER2_NATIVE_KERNELS", "1") == "0" or isa is None:
         return None
-    source, flags = HERE / BUILDS[isa][0], BUILDS[isa][2]
+    sources, flags = [HERE / s for s in BUILDS[isa][0]], BUILDS[isa][2]
     try:
         from torch.utils.cpp_extension import load
-        module = load(name=f"starcoder2_{source.stem}", sources=[str(source)],
+        module = load(name=f"starcoder2_{sources[0].stem}", sources=[str(s) for s in sources],
                       extra_cflags=["-O3", "-march=native", "-fopenmp", *flags], extra_ldflags=["-fopenmp"],
                       verbose=False)
     except Exception as e:  # a missing compiler or ninja: fall back, but say so

@@ -353,10 +353,13 @@ torch::Tensor dequantize_int4(torch::Tensor w, torch::Tensor scale, torch::Tenso
   return out.to(dtype);
 }
 
+void register_decode(pybind11::module& m);  // cpu_decode_avx2.cpp
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("dequantize_int8", &dequantize_int8, "(q + 128 as uint8, scale) -> float weights (N, K)");
   m.def("dequantize_int4", &dequantize_int4, "(packed 4-bit, scale, lo, G) -> float weights (N, K)");
   m.def("linear_float", &linear_float, "y = x @ w.T + b, fp32 or bf16 weights, fp32 arithmetic (AVX2/FMA)");
   m.def("linear_int8", &linear_int8, "y = (x @ q.T) * scale + b, int8 weights (AVX2)");
   m.def("linear_int4", &linear_int4, "y = x @ (q * scale + lo).T + b, 4-bit group-wise weights (AVX2)");
+  register_decode(m);
 }
