@@ -136,41 +136,86 @@ void gelu_tanh(torch::Tensor& x) {
   for (; i < n; ++i) p[i] = 0.5f * p[i] * (1.0f + std::tanh(0.7978845608028654f * (p[i] + 0.044715f * p[i] * p[i] * p[i])));
 }
 
-// One query head over keys [0, n) of one cache row: out (hd) = softmax(q . k_j * scale, masked) @ v.
-// scores: scratch of n rounded up to 8. Each sum runs in 8 lanes by j mod 8 with masked keys as
-// exact zeros, so keys past the last unmasked one never change the result.
-void attend_head(const float* q, const float* kc, const float* vc, const bool* mask, int64_t n, int64_t hd,
-                 float scale, float* scores, float* out) {
-  float mx = -INFINITY;
-  for (int64_t j = 0; j < n; ++j) {
-    if (!mask[j]) continue;
-    const float* k = kc + j * hd;
-    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
-    for (int64_t d = 0; d < hd; d += 16) {
-      a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), _mm256_loadu_ps(k + d), a0);
-      a1 = _mm256_fmadd_ps(_mm256_loadu_ps(q + d + 8), _mm256_loadu_ps(k + d + 8), a1);
-    }
-    scores[j] = hsum8(_mm256_add_ps(a0, a1)) * scale;
-    mx = std::max(mx, scores[j]);
-  }
-  const int64_t n8 = (n + 7) / 8 * 8;
-  for (int64_t j = 0; j < n8; ++j)
-    if (j >= n || !mask[j]) scores[j] = -INFINITY;
-  __m256 sum = _mm256_setzero_ps();
-  const __m256 mxv = _mm256_set1_ps(mx);
-  for (int64_t j = 0; j < n8; j += 8) {
-    const __m256 s = _mm256_loadu_ps(scores + j);
-    const __m256 live = _mm256_cmp_ps(s, _mm256_set1_ps(-INFINITY), _CMP_NEQ_OQ);
-    const __m256 e = _mm256_and_ps(exp8(_mm256_sub_ps(s, mxv)), live);
-    _mm256_storeu_ps(scores + j, e);
-    sum = _mm256_add_ps(sum, e);
-  }
-  const float inv = 1.0f / hsum8(sum);
+// Dot products of q with 8 key rows k[0..7] (hd floats each), in one vector: each over d ascending
+// in 8 lanes (d mod 8), the lanes then summed by one fixed hadd tree. 8 independent FMA chains: a
+// dot at a time was latency-bound and made attention over 4k keys cost 1 ms per layer.
+inline __m256 dot8(const float* q, const float* k, int64_t hd) {
+  __m256 a[8];
+  for (int i = 0; i < 8; ++i) a[i] = _mm256_setzero_ps();
   for (int64_t d = 0; d < hd; d += 8) {
-    __m256 acc = _mm256_setzero_ps();
-    for (int64_t j = 0; j < n; ++j)
-      if (scores[j] != 0.0f) acc = _mm256_fmadd_ps(_mm256_set1_ps(scores[j]), _mm256_loadu_ps(vc + j * hd + d), acc);
-    _mm256_storeu_ps(out + d, _mm256_mul_ps(acc, _mm256_set1_ps(inv)));
+    const __m256 qv = _mm256_loadu_ps(q + d);
+    for (int i = 0; i < 8; ++i) a[i] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k + i * hd + d), a[i]);
+  }
+  const __m256 u0 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+  const __m256 u1 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
+  return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+}
+
+// out (C * 8 floats) += sum_{j in [j0, j1)} p[j] v[j] (rows of hd floats), j ascending; the
+// accumulators stay in registers over a block of keys.
+template <int C>
+inline void pv_block(const float* p, const float* vc, int64_t j0, int64_t j1, int64_t hd, float* out) {
+  __m256 acc[C];
+  for (int c = 0; c < C; ++c) acc[c] = _mm256_loadu_ps(out + 8 * c);
+  for (int64_t j = j0; j < j1; ++j) {
+    if (p[j] == 0.0f) continue;  // masked: adds an exact zero
+    const __m256 pj = _mm256_set1_ps(p[j]);
+    for (int c = 0; c < C; ++c) acc[c] = _mm256_fmadd_ps(pj, _mm256_loadu_ps(vc + j * hd + 8 * c), acc[c]);
+  }
+  for (int c = 0; c < C; ++c) _mm256_storeu_ps(out + 8 * c, acc[c]);
+}
+
+constexpr int64_t KB = 64;  // keys per block of P @ V: 64 value rows (32 KB at hd 128) stay in L1/L2
+
+// The rep query heads of one KV head over keys [0, n) of one cache row: out (rep, hd) =
+// softmax(q . k_j * scale, masked) @ v. Each key and value row is read once for all rep queries
+// (at 4k keys a KV head's K and V are 4 MB: reading them per query head made attention cost more
+// than SDPA). scores: scratch (rep, n rounded up to 8). Every key's score is computed the same way
+// wherever it falls (the last partial block of 8 keys goes through a zero-padded copy), and every
+// sum runs j ascending (the softmax denominator in 8 lanes by j mod 8) with masked keys as exact
+// zeros, so keys past the last unmasked one never change the result.
+void attend_group(const float* q, const float* kc, const float* vc, const bool* mask, int64_t n, int64_t hd,
+                  int64_t rep, float scale, float* scores, float* out) {
+  const int64_t n8 = (n + 7) / 8 * 8;
+  std::vector<float> tail;
+  for (int64_t j0 = 0; j0 < n8; j0 += 8) {
+    const float* k = kc + j0 * hd;
+    if (j0 + 8 > n) {  // rows past n may lie outside the cache: copy the live ones, zero the rest
+      tail.assign(8 * hd, 0.0f);
+      std::copy_n(k, (n - j0) * hd, tail.data());
+      k = tail.data();
+    }
+    for (int64_t r = 0; r < rep; ++r)
+      _mm256_storeu_ps(scores + r * n8 + j0, _mm256_mul_ps(dot8(q + r * hd, k, hd), _mm256_set1_ps(scale)));
+  }
+  for (int64_t r = 0; r < rep; ++r) {
+    float* sr = scores + r * n8;
+    float mx = -INFINITY;
+    for (int64_t j = 0; j < n8; ++j) {
+      if (j >= n || !mask[j]) sr[j] = -INFINITY;
+      mx = std::max(mx, sr[j]);
+    }
+    const __m256 mxv = _mm256_set1_ps(mx);
+    __m256 sum = _mm256_setzero_ps();
+    for (int64_t j = 0; j < n8; j += 8) {
+      const __m256 s = _mm256_loadu_ps(sr + j);
+      const __m256 live = _mm256_cmp_ps(s, _mm256_set1_ps(-INFINITY), _CMP_NEQ_OQ);
+      const __m256 e = _mm256_and_ps(exp8(_mm256_sub_ps(s, mxv)), live);
+      _mm256_storeu_ps(sr + j, e);
+      sum = _mm256_add_ps(sum, e);
+    }
+    const __m256 inv = _mm256_set1_ps(1.0f / hsum8(sum));
+    for (int64_t j = 0; j < n8; j += 8) _mm256_storeu_ps(sr + j, _mm256_mul_ps(_mm256_loadu_ps(sr + j), inv));
+  }
+  // out_r = sum_j p_rj v_j, j ascending for every (r, d), a block of KB value rows at a time
+  std::fill_n(out, rep * hd, 0.0f);
+  for (int64_t j0 = 0; j0 < n; j0 += KB) {
+    const int64_t j1 = std::min(n, j0 + KB);
+    for (int64_t r = 0; r < rep; ++r)
+      for (int64_t d = 0; d < hd; d += (hd % 64 == 0 ? 64 : 16)) {
+        if (hd % 64 == 0) pv_block<8>(scores + r * n8, vc + d, j0, j1, hd, out + r * hd + d);
+        else pv_block<2>(scores + r * n8, vc + d, j0, j1, hd, out + r * hd + d);
+      }
   }
 }
 
@@ -220,7 +265,7 @@ class Decoder {
     const int64_t rep = nh_ / nkv_;
     const float scale = 1.0f / std::sqrt((float)hd_);
     auto attn = torch::empty({M, nh_ * hd_}, x.options());
-    auto scratch = torch::empty({at::get_num_threads(), (nmax + 7) / 8 * 8}, x.options());
+    auto scratch = torch::empty({at::get_num_threads(), rep * ((nmax + 7) / 8 * 8)}, x.options());
     for (size_t l = 0; l < blocks_.size(); ++l) {
       const Block& b = blocks_[l];
       auto h = layer_norm(x, b.ln1_w, b.ln1_b, eps_);
@@ -238,12 +283,11 @@ class Decoder {
         const float* qm = q.data_ptr<float>() + m * nh_ * hd_;
         float* om = attn.data_ptr<float>() + m * nh_ * hd_;
         const bool* mk = mask.data_ptr<bool>() + m * nmax;
-        at::parallel_for(0, nh_, 1, [&](int64_t h0, int64_t h1) {
+        at::parallel_for(0, nkv_, 1, [&](int64_t g0, int64_t g1) {
           float* sc = scratch.data_ptr<float>() + at::get_thread_num() * scratch.size(1);
-          for (int64_t hh = h0; hh < h1; ++hh) {
-            const int64_t g = hh / rep;
-            attend_head(qm + hh * hd_, kr + g * S * hd_, vr + g * S * hd_, mk, np[m], hd_, scale, sc, om + hh * hd_);
-          }
+          for (int64_t g = g0; g < g1; ++g)  // query heads g*rep .. (g+1)*rep-1 share KV head g
+            attend_group(qm + g * rep * hd_, kr + g * S * hd_, vr + g * S * hd_, mk, np[m], hd_, rep, scale, sc,
+                         om + g * rep * hd_);
         });
       }
       add_(x, b.o(attn));
