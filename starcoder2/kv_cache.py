@@ -30,7 +30,7 @@ from .config import ModelConfig
 Rows = torch.Tensor | slice | None
 
 
-def _row_index(rows: Rows, batch: int, device: torch.device) -> torch.Tensor:
+def row_index(rows: Rows, batch: int, device: torch.device) -> torch.Tensor:
     if rows is None:
         return torch.arange(batch, device=device)
     if isinstance(rows, slice):
@@ -201,7 +201,7 @@ class KVCache:
         step, rows = plan.steps[t], slice(None) if plan.rows is None else plan.rows
         if t == 0:
             plan.undo.append([])
-        r = _row_index(plan.rows, k.shape[0], k.device)[:, None]
+        r = row_index(plan.rows, k.shape[0], k.device)[:, None]
         kc, vc = self.k[layer], self.v[layer]
         # the old entries, (B, n_kv_head, 1, head_dim) like k and v, for _write to put back
         plan.undo[layer].append((kc[r, :, step.slots].transpose(1, 2).clone(),
@@ -224,7 +224,7 @@ class KVCache:
 
     def _write(self, layer: int, rows: Rows, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """k, v (B, n_kv_head, T, head_dim) into the rows' slots (B, T)."""
-        r = _row_index(rows, k.shape[0], k.device)
+        r = row_index(rows, k.shape[0], k.device)
         # Advanced indices (rows, slots) around a slice put their dims first: value is (B, T, n_kv, hd).
         self.k[layer][r[:, None], :, slots] = k.transpose(1, 2)
         self.v[layer][r[:, None], :, slots] = v.transpose(1, 2)

@@ -1,9 +1,11 @@
 """Fused decode: every decoder block of a decode step in one native call (cpu_decode_avx2.cpp).
 
 Built once per model (`FusedDecoder.build`), when the whole decode step can run natively: a CPU
-model in fp32 whose block Linears all take the native kernels (`NativeLinear`, or `QuantizedLinear`
-with the native kernel) and a build that has the fused decoder (AVX2 today). Otherwise `build`
+model in fp32 whose block Linears all take the native kernels (`NativeLinear` with fp32 or bf16
+weights, or `QuantizedLinear` with the native kernel) and a build that has the fused decoder (the
+AVX2 build; the AVX-512 build's kernels take bf16 activations and have none yet). Otherwise `build`
 returns None and callers keep the module path (`model.hidden_states`); `decode_hidden_states` picks.
+The decoder holds the weight tensors themselves (no copies): rebuild it if layers are replaced.
 
 It serves one-token decode steps and speculative verify passes (the same KVCache plans as
 `model.hidden_states`); prefill stays on the module path, whose GEMMs are faster for many tokens.
@@ -18,9 +20,9 @@ import os
 import torch
 
 from ..kernels import native
-from ..kv_cache import KVCache, Rows, _row_index
+from ..kv_cache import KVCache, Rows, row_index
 from ..model import StarCoder2, rope_cos_sin
-from .quantize import NATIVE_MAX_ROWS, NATIVE_ROW_BLOCK, NativeLinear, QuantizedLinear
+from .quantize import NATIVE_MAX_ROWS, NativeLinear, QuantizedLinear
 
 MODES = {"int8": 1, "int4": 2}
 
@@ -28,8 +30,7 @@ MODES = {"int8": 1, "int4": 2}
 def _linear(k, lin) -> object | None:
     """The native spec of one block Linear, or None when the fused step cannot run it."""
     if isinstance(lin, NativeLinear):
-        ok = (lin.weight.dtype in (torch.float32, torch.bfloat16) and lin.out_features % NATIVE_ROW_BLOCK == 0
-              and lin.in_features % 32 == 0)
+        ok = lin.fits and k.float_ok(torch.float32, lin.weight.dtype)
         return k.decode_linear(0, lin.weight.contiguous(), bias=_f32(lin.bias)) if ok else None
     if isinstance(lin, QuantizedLinear) and lin.kernel == "native" and lin.dtype == torch.float32:
         return k.decode_linear(MODES[lin.mode], lin.weight, lin.scale, getattr(lin, "lo", None),
@@ -47,8 +48,8 @@ class FusedDecoder:
 
     @classmethod
     def build(cls, model: StarCoder2) -> FusedDecoder | None:
-        """The fused decoder for `model`'s current weights, or None where it does not apply.
-        STARCODER2_FUSED_DECODE=0 turns it off. Rebuild after replacing the model's layers."""
+        """The fused decoder for `model`'s current layers, or None where it does not apply.
+        STARCODER2_FUSED_DECODE=0 turns it off."""
         k = native()
         cfg = model.config
         act = model.norm.weight  # activations are in the model's float dtype
@@ -75,7 +76,7 @@ class FusedDecoder:
         model, cfg = self.model, self.model.config
         B, T = input_ids.shape
         plan = cache.plan(input_pos, rows)
-        tok_rows = _row_index(rows, B, input_ids.device)  # (B,) cache row of each batch row
+        tok_rows = row_index(rows, B, input_ids.device)  # (B,) cache row of each batch row
         if plan.steps is None:  # decode: token b writes row tok_rows[b], all attend over n_cached slots
             slots, mask = plan.slots[:, 0], plan.mask[:, 0, 0]  # (B,), (B, n_cached)
             n_keys = torch.full((B,), plan.n_cached)

@@ -124,10 +124,14 @@ class NativeLinear(nn.Module):
         self.weight, self.bias = linear.weight, linear.bias
         self.in_features, self.out_features = linear.in_features, linear.out_features
 
+    @property
+    def fits(self) -> bool:
+        """Whether the native kernels take this layer's shape."""
+        return self.out_features % NATIVE_ROW_BLOCK == 0 and self.in_features % 32 == 0
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features)
-        if (_native_ok(x2) and native().float_ok(x2.dtype, self.weight.dtype)
-                and self.out_features % NATIVE_ROW_BLOCK == 0 and self.in_features % 32 == 0):
+        if _native_ok(x2) and native().float_ok(x2.dtype, self.weight.dtype) and self.fits:
             y = native().linear(x2.contiguous(), self.weight, self.bias)
             return y.view(*x.shape[:-1], self.out_features)
         return F.linear(x, self.weight, self.bias)
