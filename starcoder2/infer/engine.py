@@ -14,7 +14,9 @@ Threading: `step()` is synchronous. `start()` runs steps on a background thread 
 work; `submit()` and `cancel()` may be called from any thread. The server puts its asyncio
 boundary on top of the callbacks.
 
-Greedy output of a request is the same alone or in a batch, and equals `generate.generate` (tests).
+Decode steps and verify passes run all blocks in one native call where that applies (fused.py),
+else the model's modules. Greedy output of a request is the same alone or in a batch, and equals
+`generate.generate` (tests).
 """
 
 from __future__ import annotations
