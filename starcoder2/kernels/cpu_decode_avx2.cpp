@@ -178,34 +178,46 @@ void attend_group(const float* q, const float* kc, const float* vc, const bool* 
                   int64_t rep, float scale, float* scores, float* out) {
   const int64_t n8 = (n + 7) / 8 * 8;
   std::vector<float> tail;
+  // blocks of 8 keys that are all masked (slots that another row's longer sequence used, or that
+  // left the window) get no dot products and no exps: their probabilities are exact zeros
+  std::vector<char> live(n8 / 8, 0);
   for (int64_t j0 = 0; j0 < n8; j0 += 8) {
+    for (int64_t j = j0; j < std::min(n, j0 + 8); ++j) live[j0 / 8] |= mask[j];
+    if (!live[j0 / 8]) continue;
     const float* k = kc + j0 * hd;
     if (j0 + 8 > n) {  // rows past n may lie outside the cache: copy the live ones, zero the rest
       tail.assign(8 * hd, 0.0f);
       std::copy_n(k, (n - j0) * hd, tail.data());
       k = tail.data();
     }
-    for (int64_t r = 0; r < rep; ++r)
-      _mm256_storeu_ps(scores + r * n8 + j0, _mm256_mul_ps(dot8(q + r * hd, k, hd), _mm256_set1_ps(scale)));
+    for (int64_t r = 0; r < rep; ++r) {
+      float* sr = scores + r * n8 + j0;
+      _mm256_storeu_ps(sr, _mm256_mul_ps(dot8(q + r * hd, k, hd), _mm256_set1_ps(scale)));
+      for (int64_t j = j0; j < j0 + 8; ++j)
+        if (j >= n || !mask[j]) sr[j - j0] = -INFINITY;
+    }
   }
   for (int64_t r = 0; r < rep; ++r) {
     float* sr = scores + r * n8;
     float mx = -INFINITY;
-    for (int64_t j = 0; j < n8; ++j) {
-      if (j >= n || !mask[j]) sr[j] = -INFINITY;
-      mx = std::max(mx, sr[j]);
-    }
+    for (int64_t j = 0; j < n8; ++j)
+      if (live[j / 8]) mx = std::max(mx, sr[j]);
     const __m256 mxv = _mm256_set1_ps(mx);
     __m256 sum = _mm256_setzero_ps();
     for (int64_t j = 0; j < n8; j += 8) {
+      if (!live[j / 8]) {
+        _mm256_storeu_ps(sr + j, _mm256_setzero_ps());
+        continue;
+      }
       const __m256 s = _mm256_loadu_ps(sr + j);
-      const __m256 live = _mm256_cmp_ps(s, _mm256_set1_ps(-INFINITY), _CMP_NEQ_OQ);
-      const __m256 e = _mm256_and_ps(exp8(_mm256_sub_ps(s, mxv)), live);
+      const __m256 on = _mm256_cmp_ps(s, _mm256_set1_ps(-INFINITY), _CMP_NEQ_OQ);
+      const __m256 e = _mm256_and_ps(exp8(_mm256_sub_ps(s, mxv)), on);
       _mm256_storeu_ps(sr + j, e);
       sum = _mm256_add_ps(sum, e);
     }
     const __m256 inv = _mm256_set1_ps(1.0f / hsum8(sum));
-    for (int64_t j = 0; j < n8; j += 8) _mm256_storeu_ps(sr + j, _mm256_mul_ps(_mm256_loadu_ps(sr + j), inv));
+    for (int64_t j = 0; j < n8; j += 8)
+      if (live[j / 8]) _mm256_storeu_ps(sr + j, _mm256_mul_ps(_mm256_loadu_ps(sr + j), inv));
   }
   // out_r = sum_j p_rj v_j, j ascending for every (r, d), a block of KB value rows at a time
   std::fill_n(out, rep * hd, 0.0f);
