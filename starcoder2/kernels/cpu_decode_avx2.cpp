@@ -16,27 +16,15 @@
 // per-token result is computed in an order that does not depend on the other tokens or on how many
 // masked keys follow (masked keys add exact zeros), so outputs are batch-invariant and a verify
 // pass gives the logits of plain decoding bit for bit.
-#include <torch/extension.h>
+#include "cpu_avx2.h"
+
 #include <ATen/Parallel.h>
-#include <immintrin.h>
 
 #include <algorithm>
 #include <cmath>
 #include <vector>
 
-torch::Tensor linear_float(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> bias);
-torch::Tensor linear_int8(torch::Tensor x, torch::Tensor w, torch::Tensor scale, c10::optional<torch::Tensor> bias);
-torch::Tensor linear_int4(torch::Tensor x, torch::Tensor w, torch::Tensor scale, torch::Tensor lo, int64_t G,
-                          c10::optional<torch::Tensor> bias);
-
 namespace {
-
-inline float hsum8(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
 
 // e^x for 8 floats (Cephes expf: x = n ln2 + r, a degree-6 polynomial for e^r, 2^n from the
 // exponent bits); relative error ~1e-7 over [-87, 88].
@@ -87,14 +75,14 @@ torch::Tensor layer_norm(const torch::Tensor& x, const torch::Tensor& w, const t
     const float* r = xp + m * C;
     __m256 s = _mm256_setzero_ps();
     for (int64_t c = 0; c < C; c += 8) s = _mm256_add_ps(s, _mm256_loadu_ps(r + c));
-    const float mean = hsum8(s) / C;
+    const float mean = hsum(s) / C;
     const __m256 mv = _mm256_set1_ps(mean);
     __m256 s2 = _mm256_setzero_ps();
     for (int64_t c = 0; c < C; c += 8) {
       const __m256 d = _mm256_sub_ps(_mm256_loadu_ps(r + c), mv);
       s2 = _mm256_fmadd_ps(d, d, s2);
     }
-    const __m256 rstd = _mm256_set1_ps(1.0f / std::sqrt(hsum8(s2) / C + eps));
+    const __m256 rstd = _mm256_set1_ps(1.0f / std::sqrt(hsum(s2) / C + eps));
     for (int64_t c = 0; c < C; c += 8) {
       const __m256 d = _mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(r + c), mv), rstd);
       _mm256_storeu_ps(yp + m * C + c, _mm256_fmadd_ps(d, _mm256_loadu_ps(wp + c), _mm256_loadu_ps(bp + c)));
@@ -215,7 +203,7 @@ void attend_group(const float* q, const float* kc, const float* vc, const bool* 
       _mm256_storeu_ps(sr + j, e);
       sum = _mm256_add_ps(sum, e);
     }
-    const __m256 inv = _mm256_set1_ps(1.0f / hsum8(sum));
+    const __m256 inv = _mm256_set1_ps(1.0f / hsum(sum));
     for (int64_t j = 0; j < n8; j += 8)
       if (live[j / 8]) _mm256_storeu_ps(sr + j, _mm256_mul_ps(_mm256_loadu_ps(sr + j), inv));
   }

@@ -27,22 +27,15 @@
 // Work is split over blocks of R output rows with at::parallel_for (torch's thread pool).
 // Requires K % 32 == 0 (int8: K % 32 == 0, int4: G % 64 == 0 and K % G == 0) and N % R == 0; the
 // Python side checks and falls back to torch otherwise.
-#include <torch/extension.h>
+#include "cpu_avx2.h"
+
 #include <ATen/Parallel.h>
-#include <immintrin.h>
 
 namespace {
 
 constexpr int R = 4;   // output rows per block: 4 weight streams in flight per thread
 constexpr int MB = 2;  // int kernels: rows of x per pass over a row block (8 accumulators + 4 weights)
 constexpr int XB8 = 32;  // int8: columns per activation scale
-
-inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
 
 // 8 weights as fp32
 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
@@ -352,8 +345,6 @@ torch::Tensor dequantize_int4(torch::Tensor w, torch::Tensor scale, torch::Tenso
   });
   return out.to(dtype);
 }
-
-void register_decode(pybind11::module& m);  // cpu_decode_avx2.cpp
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("dequantize_int8", &dequantize_int8, "(q + 128 as uint8, scale) -> float weights (N, K)");
